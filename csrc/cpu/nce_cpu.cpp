@@ -1,0 +1,316 @@
+// Fused sampled losses on the CPU: one pass over each example's target and negative rows of W
+// (read in place, never gathered into [N, k, D]), float32 accumulation (float64 for float64).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <memory>
+#include <vector>
+
+#include "../fused_nce.h"
+#include "../nce_math.h"
+
+namespace fused_nce {
+namespace {
+
+template <typename scalar_t>
+using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+template <typename acc_t, typename scalar_t>
+inline acc_t dot(const acc_t* a, const scalar_t* b, int64_t n) {
+  acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t d = 0; d < n; ++d) sum += a[d] * static_cast<acc_t>(b[d]);
+  return sum;
+}
+
+template <typename acc_t, typename scalar_t>
+inline void axpy(acc_t alpha, const scalar_t* x, acc_t* y, int64_t n) {
+#pragma omp simd
+  for (int64_t d = 0; d < n; ++d) y[d] += alpha * static_cast<acc_t>(x[d]);
+}
+
+template <typename acc_t, typename scalar_t>
+inline void load_row(const scalar_t* x, acc_t* y, int64_t n) {
+#pragma omp simd
+  for (int64_t d = 0; d < n; ++d) y[d] = static_cast<acc_t>(x[d]);
+}
+
+template <typename acc_t, typename scalar_t>
+inline void store_row(const acc_t* x, scalar_t* y, int64_t n) {
+  for (int64_t d = 0; d < n; ++d) y[d] = static_cast<scalar_t>(x[d]);
+}
+
+// Enough work per task that threads are not woken for a few dot products.
+int64_t grain_for(int64_t work_per_item) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work_per_item));
+}
+
+void check_indices(const at::Tensor& indices, int64_t num_classes, const char* name,
+                   bool has_ignore_index, int64_t ignore_index) {
+  const int64_t* p = indices.data_ptr<int64_t>();
+  for (int64_t e = 0, n = indices.numel(); e < n; ++e) {
+    const int64_t v = p[e];
+    TORCH_CHECK_VALUE((v >= 0 && v < num_classes) || (has_ignore_index && v == ignore_index),
+                      name, " holds the class index ", v, ", outside [0, ", num_classes,
+                      ") (the number of rows of weight)");
+  }
+}
+
+// Shapes, dtypes and index ranges, checked before any kernel reads memory through an index.
+void check_inputs(const at::Tensor& hidden, const at::Tensor& weight,
+                  const std::optional<at::Tensor>& bias, const at::Tensor& target,
+                  const at::Tensor& negatives, int64_t ignore_index) {
+  TORCH_CHECK_VALUE(hidden.dim() == 2, "hidden must be [N, D], got ", hidden.sizes());
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == hidden.size(1),
+                    "weight must be [V, D] with D = ", hidden.size(1), ", got ", weight.sizes());
+  TORCH_CHECK_TYPE(weight.scalar_type() == hidden.scalar_type(),
+                   "weight and hidden must share a dtype");
+  if (bias.has_value()) {
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0), "bias must be [V]");
+    TORCH_CHECK_TYPE(bias->scalar_type() == weight.scalar_type(),
+                     "bias and weight must share a dtype");
+  }
+  TORCH_CHECK_TYPE(target.scalar_type() == at::kLong, "target must be int64");
+  TORCH_CHECK_TYPE(negatives.scalar_type() == at::kLong, "negatives must be int64");
+  TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == hidden.size(0), "target must be [N]");
+  TORCH_CHECK_VALUE(negatives.dim() == 1 ||
+                        (negatives.dim() == 2 && negatives.size(0) == hidden.size(0)),
+                    "negatives must be [N, k] or [k], got ", negatives.sizes());
+  check_indices(target, weight.size(0), "target", true, ignore_index);
+  check_indices(negatives, weight.size(0), "negatives", false, 0);
+}
+
+// Adds every entry's contribution to its row of grad_weight / grad_bias. Entries are sorted by
+// row (counting sort, stable) and each row is summed by one thread in entry order: no races, and
+// the result is bitwise reproducible whatever the thread count. `entry_row[e] < 0` skips entry e.
+// `add_entry(e, acc)` adds the entry's [D] contribution to acc and returns its bias contribution.
+template <typename scalar_t, typename acc_t, typename AddEntry>
+void scatter_rows(const std::vector<int64_t>& entry_row, int64_t num_rows, int64_t dim,
+                  scalar_t* grad_weight, scalar_t* grad_bias, const AddEntry& add_entry) {
+  std::vector<int64_t> start(num_rows + 1, 0);
+  for (const int64_t r : entry_row) {
+    if (r >= 0) ++start[r + 1];
+  }
+  for (int64_t r = 0; r < num_rows; ++r) start[r + 1] += start[r];
+  const int64_t num_kept = start[num_rows];
+  std::vector<int64_t> order(num_kept);
+  {
+    std::vector<int64_t> next(start.begin(), start.end() - 1);
+    for (int64_t e = 0, n = static_cast<int64_t>(entry_row.size()); e < n; ++e) {
+      if (entry_row[e] >= 0) order[next[entry_row[e]]++] = e;
+    }
+  }
+  const auto row_at = [&](int64_t p) { return entry_row[order[p]]; };
+  // Split by entries, not rows, so hot rows (frequent classes) do not pile onto one thread; a
+  // task owns the rows whose first entry falls in its range.
+  at::parallel_for(0, num_kept, grain_for(dim), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(dim);
+    int64_t p = begin;
+    while (p < end && p > 0 && row_at(p) == row_at(p - 1)) ++p;
+    while (p < end) {
+      const int64_t row = row_at(p);
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      acc_t bias_acc = 0;
+      for (; p < num_kept && row_at(p) == row; ++p) bias_acc += add_entry(order[p], acc.data());
+      store_row(acc.data(), grad_weight + row * dim, dim);
+      if (grad_bias != nullptr) grad_bias[row] = static_cast<scalar_t>(bias_acc);
+    }
+  });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> sampled_loss_forward_cpu(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& target, const at::Tensor& negatives,
+    const std::optional<at::Tensor>& noise_probs, const at::Tensor& log_z, int64_t objective,
+    bool remove_accidental_hits, int64_t ignore_index) {
+  check_inputs(hidden, weight, bias, target, negatives, ignore_index);
+  TORCH_CHECK_VALUE(objective >= kNce && objective <= kSampledSoftmax, "unknown objective ",
+                    objective);
+  const bool uses_noise = objective != kNegativeSampling;
+  TORCH_CHECK_VALUE(!uses_noise || (noise_probs.has_value() && noise_probs->dim() == 1 &&
+                                    noise_probs->size(0) == weight.size(0)),
+                    "noise_probs must be [V] for this objective");
+  TORCH_CHECK_VALUE(log_z.numel() == 1, "log_z must be a scalar");
+
+  const auto h = hidden.contiguous();
+  const auto w = weight.contiguous();
+  const auto b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const auto tgt = target.contiguous();
+  const auto neg = negatives.contiguous();
+  const auto q = uses_noise ? noise_probs->to(at::kFloat).contiguous() : at::Tensor();
+  const int64_t n_examples = h.size(0), dim = h.size(1), k = neg.size(-1);
+  const bool shared = neg.dim() == 1;
+  const auto acc_dtype = h.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto loss = at::empty({n_examples}, h.options().dtype(acc_dtype));
+  auto coef = at::empty({n_examples, 1 + k}, h.options().dtype(acc_dtype));
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(),
+                                  "sampled_loss_forward_cpu", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const acc_t log_z_value = static_cast<acc_t>(log_z.item<double>());
+    // Shared negatives: one [N, D] x [D, k] GEMM gives every negative score.
+    at::Tensor neg_scores;
+    if (shared) {
+      auto wn = w.index_select(0, neg).to(acc_dtype);
+      neg_scores = at::mm(h.to(acc_dtype), wn.t());
+      if (b.defined()) neg_scores.add_(b.index_select(0, neg).to(acc_dtype));
+      neg_scores = neg_scores.contiguous();
+    }
+    const scalar_t* hp = h.const_data_ptr<scalar_t>();
+    const scalar_t* wp = w.const_data_ptr<scalar_t>();
+    const scalar_t* bp = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
+    const int64_t* tp = tgt.const_data_ptr<int64_t>();
+    const int64_t* np = neg.const_data_ptr<int64_t>();
+    const float* qp = uses_noise ? q.const_data_ptr<float>() : nullptr;
+    const acc_t* sp = shared ? neg_scores.const_data_ptr<acc_t>() : nullptr;
+    acc_t* lossp = loss.mutable_data_ptr<acc_t>();
+    acc_t* coefp = coef.mutable_data_ptr<acc_t>();
+    const auto score = [&](const acc_t* h_row, int64_t row) {
+      return dot(h_row, wp + row * dim, dim) + (bp ? static_cast<acc_t>(bp[row]) : acc_t(0));
+    };
+
+    at::parallel_for(0, n_examples, grain_for((1 + k) * dim), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> h_row(dim), log_q(1 + k);
+      std::unique_ptr<bool[]> dropped(new bool[1 + k]());
+      for (int64_t i = begin; i < end; ++i) {
+        acc_t* s = coefp + i * (1 + k);
+        const int64_t t = tp[i];
+        if (t == ignore_index) {
+          lossp[i] = 0;
+          std::fill(s, s + 1 + k, acc_t(0));
+          continue;
+        }
+        const int64_t* negs = shared ? np : np + i * k;
+        load_row(hp + i * dim, h_row.data(), dim);
+        s[0] = score(h_row.data(), t);
+        for (int64_t j = 1; j <= k; ++j) {
+          const int64_t r = negs[j - 1];
+          s[j] = shared ? sp[i * k + j - 1] : score(h_row.data(), r);
+          dropped[j] = remove_accidental_hits && r == t;
+        }
+        if (uses_noise) {
+          log_q[0] = log_noise_prob<acc_t>(qp[t]);
+          for (int64_t j = 1; j <= k; ++j) log_q[j] = log_noise_prob<acc_t>(qp[negs[j - 1]]);
+        }
+        lossp[i] = example_loss_and_grad<acc_t>(objective, k, s, log_q.data(), dropped.get(),
+                                                log_z_value);
+      }
+    });
+  });
+  return {loss, coef};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sampled_loss_backward_cpu(
+    const at::Tensor& grad_loss, const at::Tensor& coef, const at::Tensor& hidden,
+    const at::Tensor& weight, bool has_bias, const at::Tensor& target,
+    const at::Tensor& negatives, int64_t ignore_index) {
+  check_inputs(hidden, weight, std::nullopt, target, negatives, ignore_index);
+  const int64_t n_examples = hidden.size(0), dim = hidden.size(1), k = negatives.size(-1);
+  const int64_t num_rows = weight.size(0);
+  TORCH_CHECK_VALUE(grad_loss.dim() == 1 && grad_loss.size(0) == n_examples,
+                    "grad_loss must be [N]");
+  TORCH_CHECK_VALUE(coef.dim() == 2 && coef.size(0) == n_examples && coef.size(1) == 1 + k,
+                    "coef must be [N, 1 + k]");
+  const auto acc_dtype = hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto h = hidden.contiguous();
+  const auto w = weight.contiguous();
+  const auto tgt = target.contiguous();
+  const auto neg = negatives.contiguous();
+  // Per-entry coefficients grad_loss[i] * dloss_i/ds_ij, [N, 1 + k].
+  const auto scaled = (coef.to(acc_dtype) * grad_loss.to(acc_dtype).unsqueeze(1)).contiguous();
+  const bool shared = neg.dim() == 1;
+  auto grad_hidden = at::empty_like(h);
+  auto grad_weight = at::zeros_like(w);
+  auto grad_bias = has_bias ? at::zeros({num_rows}, w.options()) : at::empty({0}, w.options());
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(),
+                                  "sampled_loss_backward_cpu", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const scalar_t* hp = h.const_data_ptr<scalar_t>();
+    const scalar_t* wp = w.const_data_ptr<scalar_t>();
+    const int64_t* tp = tgt.const_data_ptr<int64_t>();
+    const int64_t* np = neg.const_data_ptr<int64_t>();
+    const acc_t* cp = scaled.const_data_ptr<acc_t>();
+    scalar_t* ghp = grad_hidden.mutable_data_ptr<scalar_t>();
+    scalar_t* gwp = grad_weight.mutable_data_ptr<scalar_t>();
+    scalar_t* gbp = has_bias ? grad_bias.mutable_data_ptr<scalar_t>() : nullptr;
+
+    // Shared negatives: dL/dH = C_neg W_n and dL/dW_n = C_neg^T H are two GEMMs.
+    at::Tensor hidden_from_negs, grad_wn, grad_bn;
+    if (shared) {
+      const auto c_neg = scaled.narrow(1, 1, k);
+      hidden_from_negs = at::mm(c_neg, w.index_select(0, neg).to(acc_dtype)).contiguous();
+      grad_wn = at::mm(c_neg.t(), h.to(acc_dtype)).contiguous();
+      grad_bn = c_neg.sum(0).contiguous();
+    }
+
+    at::parallel_for(0, n_examples, grain_for((1 + k) * dim), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> acc(dim);
+      for (int64_t i = begin; i < end; ++i) {
+        const acc_t* c = cp + i * (1 + k);
+        if (shared) {
+          load_row(hidden_from_negs.const_data_ptr<acc_t>() + i * dim, acc.data(), dim);
+        } else {
+          std::fill(acc.begin(), acc.end(), acc_t(0));
+          for (int64_t j = 1; j <= k; ++j) {
+            if (c[j] != 0) axpy(c[j], wp + np[i * k + j - 1] * dim, acc.data(), dim);
+          }
+        }
+        if (c[0] != 0 && tp[i] != ignore_index) axpy(c[0], wp + tp[i] * dim, acc.data(), dim);
+        store_row(acc.data(), ghp + i * dim, dim);
+      }
+    });
+
+    // Entries with a zero coefficient (ignored examples, dropped hits) touch nothing.
+    const auto ignored = [&](int64_t i, int64_t j) {
+      return tp[i] == ignore_index || cp[i * (1 + k) + j] == 0;
+    };
+    if (shared) {
+      // Entries 0..N-1 are the targets, N..N+k-1 the shared negatives' GEMM rows.
+      std::vector<int64_t> entry_row(n_examples + k);
+      for (int64_t i = 0; i < n_examples; ++i) entry_row[i] = ignored(i, 0) ? -1 : tp[i];
+      for (int64_t j = 0; j < k; ++j) entry_row[n_examples + j] = np[j];
+      const acc_t* gwn = grad_wn.const_data_ptr<acc_t>();
+      const acc_t* gbn = grad_bn.const_data_ptr<acc_t>();
+      scatter_rows<scalar_t, acc_t>(entry_row, num_rows, dim, gwp, gbp,
+                                    [&](int64_t e, acc_t* acc) {
+        if (e < n_examples) {
+          const acc_t c = cp[e * (1 + k)];
+          axpy(c, hp + e * dim, acc, dim);
+          return c;
+        }
+        axpy(acc_t(1), gwn + (e - n_examples) * dim, acc, dim);
+        return gbn[e - n_examples];
+      });
+    } else {
+      // Entry e = i * (1 + k) + j: column j of example i.
+      std::vector<int64_t> entry_row(n_examples * (1 + k));
+      for (int64_t i = 0; i < n_examples; ++i) {
+        for (int64_t j = 0; j <= k; ++j) {
+          const int64_t e = i * (1 + k) + j;
+          entry_row[e] = ignored(i, j) ? -1 : (j == 0 ? tp[i] : np[i * k + j - 1]);
+        }
+      }
+      scatter_rows<scalar_t, acc_t>(entry_row, num_rows, dim, gwp, gbp,
+                                    [&](int64_t e, acc_t* acc) {
+        const acc_t c = cp[e];
+        axpy(c, hp + (e / (1 + k)) * dim, acc, dim);
+        return c;
+      });
+    }
+  });
+  return {grad_hidden, grad_weight, grad_bias};
+}
+
+TORCH_LIBRARY_IMPL(fused_nce, CPU, m) {
+  m.impl("sampled_loss_forward", &sampled_loss_forward_cpu);
+  m.impl("sampled_loss_backward", &sampled_loss_backward_cpu);
+  m.impl("alias_build", &alias_build_cpu);
+  m.impl("alias_sample", &alias_sample_cpu);
+}
+
+}  // namespace fused_nce

@@ -1,0 +1,34 @@
+// Host entry points of every op; the schemas live in ops.cpp, one backend per folder.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/core/Generator.h>
+
+#include <optional>
+
+namespace fused_nce {
+
+// Per-example loss [N] (float32, float64 for float64 inputs) and dloss/dscore [N, 1 + k] for the
+// target (column 0) and each negative. `negatives` is [N, k] per example or [k] shared.
+std::tuple<at::Tensor, at::Tensor> sampled_loss_forward_cpu(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& target, const at::Tensor& negatives,
+    const std::optional<at::Tensor>& noise_probs, const at::Tensor& log_z, int64_t objective,
+    bool remove_accidental_hits, int64_t ignore_index);
+
+// Gradients of sum_i grad_loss[i] * loss[i] for hidden [N, D], weight [V, D] and bias [V] (an
+// empty tensor when has_bias is false). Only rows of weight that appear as a target or negative
+// are written; the others are zero.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sampled_loss_backward_cpu(
+    const at::Tensor& grad_loss, const at::Tensor& coef, const at::Tensor& hidden,
+    const at::Tensor& weight, bool has_bias, const at::Tensor& target,
+    const at::Tensor& negatives, int64_t ignore_index);
+
+// Walker/Vose alias table of non-negative weights [V]: int64 [V], see alias_draw in nce_math.h.
+at::Tensor alias_build_cpu(const at::Tensor& weights);
+
+// `size` draws from an alias table, with replacement.
+at::Tensor alias_sample_cpu(const at::Tensor& table, at::IntArrayRef size,
+                            std::optional<at::Generator> generator);
+
+}  // namespace fused_nce

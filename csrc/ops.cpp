@@ -1,0 +1,25 @@
+// Every op's schema, declared once; kernels register per backend in cpu/ and cuda/.
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(fused_nce, m) {
+  // Fused gather + scores + stable logits + per-example loss + dloss/dscore, one pass.
+  m.def(
+      "sampled_loss_forward(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, "
+      "Tensor negatives, Tensor? noise_probs, Tensor log_z, int objective, "
+      "bool remove_accidental_hits, int ignore_index) -> (Tensor, Tensor)");
+  // grad_hidden by a second gather; grad_weight / grad_bias into the touched rows only.
+  m.def(
+      "sampled_loss_backward(Tensor grad_loss, Tensor coef, Tensor hidden, Tensor weight, "
+      "bool has_bias, Tensor target, Tensor negatives, int ignore_index) -> (Tensor, Tensor, Tensor)");
+  // Walker/Vose alias table from non-negative weights.
+  m.def("alias_build(Tensor weights) -> Tensor");
+  // O(1) draws from an alias table, randomness from the generator (default one when None).
+  m.def("alias_sample(Tensor table, SymInt[] size, Generator? generator=None) -> Tensor",
+        {at::Tag::nondeterministic_seeded});
+}
+
+// The Python module only has to exist: importing it runs the registrations above.
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fused_nce kernels, registered as torch.ops.fused_nce";
+}

@@ -1,0 +1,25 @@
+"""Fused NCE, negative sampling and sampled softmax losses: O(1 + k) per token instead of O(V)."""
+
+from . import reference
+from .functional import (
+    full_softmax_loss,
+    nce_loss,
+    negative_sampling_loss,
+    sampled_softmax_loss,
+)
+from .modules import NCELoss
+from .sampler import AliasSampler, log_uniform_weights, unigram_weights
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AliasSampler",
+    "NCELoss",
+    "full_softmax_loss",
+    "log_uniform_weights",
+    "nce_loss",
+    "negative_sampling_loss",
+    "reference",
+    "sampled_softmax_loss",
+    "unigram_weights",
+]

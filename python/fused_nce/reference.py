@@ -1,0 +1,109 @@
+"""The losses in plain PyTorch ops: the oracle for the tests and the baseline for the benchmarks.
+
+These take explicit negatives and noise probabilities (no sampling) and materialize the gathered
+rows ``[N, k, D]``, as a straightforward implementation would. Accumulation follows the kernels:
+float32 for half / bfloat16 / float32 inputs, float64 for float64.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Smallest positive float32: a zero noise probability becomes a very unlikely class (nce_math.h).
+TINY_PROB = 1.401298464324817e-45
+
+
+def _scores(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+            negatives: Tensor):
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    h = hidden.reshape(-1, hidden.shape[-1]).to(acc)
+    t = target.reshape(-1)
+    w = weight.to(acc)
+    b = bias.to(acc) if bias is not None else None
+    k = negatives.shape[-1]
+    if negatives.dim() == 1:
+        n = negatives.expand(h.shape[0], k)
+        neg = h @ w[negatives].T
+    else:
+        n = negatives.reshape(-1, k)
+        neg = torch.einsum("nd,nkd->nk", h, w[n])
+    pos = (h * w[t.clamp(0, weight.shape[0] - 1)]).sum(-1)
+    if b is not None:
+        pos = pos + b[t.clamp(0, weight.shape[0] - 1)]
+        neg = neg + b[n]
+    return pos, neg, t, n
+
+
+def _log_q(noise_probs: Tensor, index: Tensor, dtype: torch.dtype) -> Tensor:
+    return noise_probs.to(torch.float32).clamp_min(TINY_PROB).to(dtype).log()[index]
+
+
+def _reduce(loss: Tensor, target: Tensor, ignore_index: int, reduction: str) -> Tensor:
+    keep = target.reshape(-1) != ignore_index
+    loss = torch.where(keep, loss, torch.zeros_like(loss))
+    if reduction == "none":
+        return loss.reshape(target.shape)
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / keep.sum().clamp_min(1)
+
+
+def _binary_loss(pos: Tensor, neg: Tensor, t: Tensor, n: Tensor, remove_accidental_hits: bool):
+    neg_terms = F.softplus(neg)
+    if remove_accidental_hits:
+        neg_terms = neg_terms.masked_fill(n == t.unsqueeze(1), 0.0)
+    return F.softplus(-pos) + neg_terms.sum(-1)
+
+
+def nce_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+             noise_probs: Tensor, negatives: Tensor, *, log_z: Union[float, Tensor] = 0.0,
+             remove_accidental_hits: bool = False, ignore_index: int = -100,
+             reduction: str = "mean") -> Tensor:
+    """NCE: ``softplus(-d(t)) + sum_j softplus(d(n_j))`` with ``d = s - log_z - log(k q)``."""
+    pos, neg, t, n = _scores(hidden, weight, bias, target, negatives)
+    k = negatives.shape[-1]
+    shift = log_z + torch.log(torch.tensor(float(k), dtype=pos.dtype, device=pos.device))
+    safe_t = t.clamp(0, weight.shape[0] - 1)
+    pos = pos - shift - _log_q(noise_probs, safe_t, pos.dtype)
+    neg = neg - shift - _log_q(noise_probs, n, pos.dtype)
+    loss = _binary_loss(pos, neg, t, n, remove_accidental_hits)
+    return _reduce(loss, target, ignore_index, reduction)
+
+
+def negative_sampling_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+                           negatives: Tensor, *, remove_accidental_hits: bool = False,
+                           ignore_index: int = -100, reduction: str = "mean") -> Tensor:
+    """Negative sampling: ``softplus(-s(t)) + sum_j softplus(s(n_j))``."""
+    pos, neg, t, n = _scores(hidden, weight, bias, target, negatives)
+    loss = _binary_loss(pos, neg, t, n, remove_accidental_hits)
+    return _reduce(loss, target, ignore_index, reduction)
+
+
+def sampled_softmax_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+                         noise_probs: Tensor, negatives: Tensor, *,
+                         remove_accidental_hits: bool = True, ignore_index: int = -100,
+                         reduction: str = "mean") -> Tensor:
+    """Sampled softmax with logQ correction: cross-entropy over ``[o(t), o(n_1..k)]``, o = s - log q."""
+    pos, neg, t, n = _scores(hidden, weight, bias, target, negatives)
+    safe_t = t.clamp(0, weight.shape[0] - 1)
+    pos = pos - _log_q(noise_probs, safe_t, pos.dtype)
+    neg = neg - _log_q(noise_probs, n, pos.dtype)
+    if remove_accidental_hits:
+        neg = neg.masked_fill(n == t.unsqueeze(1), float("-inf"))
+    logits = torch.cat([pos.unsqueeze(1), neg], dim=1)
+    loss = torch.logsumexp(logits, dim=1) - pos
+    return _reduce(loss, target, ignore_index, reduction)
+
+
+def full_softmax_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, *,
+                      ignore_index: int = -100, reduction: str = "mean") -> Tensor:
+    """Exact cross-entropy over all V classes on materialized ``[N, V]`` logits."""
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    h = hidden.reshape(-1, hidden.shape[-1])
+    logits = F.linear(h, weight, bias).to(acc)
+    loss = F.cross_entropy(logits, target.reshape(-1), ignore_index=ignore_index, reduction="none")
+    return _reduce(loss, target, ignore_index, reduction)
