@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# One command from a fresh clone: makes .venv (sees a system torch if there is one, else installs
+# the CPU wheel torch==2.13.0), builds fused_nce without build isolation, then runs
+#   ./dev.sh test  [pytest args]      the test suite
+#   ./dev.sh bench [benchmark args]   the microbenchmark (prints a table, writes a CSV)
+set -euo pipefail
+cd "$(dirname "$0")"
+
+venv=${FUSED_NCE_VENV:-.venv}
+if [ ! -x "$venv/bin/python" ]; then
+  "${PYTHON:-python3}" -m venv --system-site-packages "$venv"
+fi
+py="$venv/bin/python"
+if ! "$py" -c "import torch" 2>/dev/null; then
+  "$py" -m pip install -q "torch==2.13.0"
+fi
+if ! "$py" -c "import pybind11, scikit_build_core, ninja, pytest, numpy" 2>/dev/null; then
+  "$py" -m pip install -q pybind11 "scikit-build-core>=0.10" ninja pytest numpy
+fi
+# --no-build-isolation: build against the torch above, never a freshly downloaded one.
+"$py" -m pip install -q --no-build-isolation --no-deps .
+
+command=${1:-test}
+shift || true
+case "$command" in
+  test) exec "$py" -m pytest tests "$@" ;;
+  bench) exec "$py" bench/bench_losses.py "$@" ;;
+  *) echo "usage: ./dev.sh test|bench [args]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,86 @@
+"""Problem builders and tolerances shared by the tests."""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+import fused_nce
+from fused_nce import reference
+
+# (loss, gradient) tolerances of the fused kernels against the reference on the same inputs:
+# both accumulate in float32 (float64), so only summation order and the final rounding differ.
+TOLERANCE = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (2e-5, 2e-5),
+    torch.bfloat16: (2e-5, 1.6e-2),
+    torch.float16: (2e-5, 2e-3),
+}
+
+
+@dataclass
+class Problem:
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    target: torch.Tensor
+    negatives: torch.Tensor
+    sampler: fused_nce.AliasSampler
+
+    def leaves(self):
+        tensors = [self.hidden, self.weight] + ([self.bias] if self.bias is not None else [])
+        return [t.detach().clone().requires_grad_() for t in tensors]
+
+
+def make_problem(n=29, dim=24, num_classes=61, k=9, *, dtype=torch.float32, device="cpu",
+                 bias=True, shared=False, ignore_every=7, hits=True, seed=0, batch_shape=None):
+    g = torch.Generator().manual_seed(seed)
+    batch_shape = batch_shape or (n,)
+    n = int(torch.Size(batch_shape).numel())
+    hidden = torch.randn(*batch_shape, dim, generator=g, dtype=torch.float64) / dim ** 0.25
+    weight = torch.randn(num_classes, dim, generator=g, dtype=torch.float64) / dim ** 0.25
+    b = torch.randn(num_classes, generator=g, dtype=torch.float64) if bias else None
+    target = torch.randint(num_classes, batch_shape, generator=g)
+    flat_target = target.view(-1)
+    if ignore_every:
+        flat_target[::ignore_every] = -100
+    noise_weights = torch.rand(num_classes, generator=g, dtype=torch.float64) + 0.05
+    sampler = fused_nce.AliasSampler(noise_weights, device=device)
+    if shared:
+        negatives = torch.randint(num_classes, (k,), generator=g)
+        if hits and n > 1:
+            negatives[0] = flat_target[1].clamp_min(0)
+    else:
+        negatives = torch.randint(num_classes, (*batch_shape, k), generator=g)
+        if hits:
+            flat = negatives.view(n, k)
+            flat[:, 0] = flat_target.clamp_min(0)  # accidental hits (and duplicates) in every row
+            flat[:, 1] = flat[:, 2]
+    cast = dict(dtype=dtype, device=device)
+    return Problem(hidden.to(**cast), weight.to(**cast), b.to(**cast) if b is not None else None,
+                   target.to(device), negatives.to(device), sampler)
+
+
+def run_fused(objective, p: Problem, leaves, **kwargs):
+    hidden, weight, *rest = leaves
+    bias = rest[0] if rest else None
+    fn = getattr(fused_nce, f"{objective}_loss")
+    return fn(hidden, weight, bias, p.target, p.sampler, negatives=p.negatives, **kwargs)
+
+
+def run_reference(objective, p: Problem, leaves, **kwargs):
+    hidden, weight, *rest = leaves
+    bias = rest[0] if rest else None
+    fn = getattr(reference, f"{objective}_loss")
+    if objective == "negative_sampling":
+        return fn(hidden, weight, bias, p.target, p.negatives, **kwargs)
+    return fn(hidden, weight, bias, p.target, p.sampler.probs, p.negatives, **kwargs)
+
+
+def loss_and_grads(run, objective, p: Problem, **kwargs):
+    leaves = p.leaves()
+    loss = run(objective, p, leaves, **kwargs)
+    # A non-uniform upstream gradient checks that each example's gradient is scaled by its own.
+    upstream = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
+    loss.backward(upstream.to(loss.device))
+    return loss.detach(), [leaf.grad for leaf in leaves]

@@ -1,0 +1,196 @@
+"""The fused losses against the reference, float64, gradcheck and opcheck."""
+
+import pytest
+import torch
+
+import fused_nce
+from fused_nce import reference
+from conftest import DTYPES, OBJECTIVES
+from helpers import TOLERANCE, loss_and_grads, make_problem, run_fused, run_reference
+
+
+def assert_close(actual, expected, tol, what):
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=tol, atol=tol, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("objective", OBJECTIVES)
+@pytest.mark.parametrize("shared", [False, True], ids=["per_example", "shared"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("remove_hits", [False, True], ids=["keep_hits", "remove_hits"])
+def test_matches_reference(device, dtype, objective, shared, bias, reduction, remove_hits):
+    p = make_problem(dtype=dtype, device=device, bias=bias, shared=shared)
+    kwargs = dict(reduction=reduction, remove_accidental_hits=remove_hits)
+    loss, grads = loss_and_grads(run_fused, objective, p, **kwargs)
+    ref_loss, ref_grads = loss_and_grads(run_reference, objective, p, **kwargs)
+    expected_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    assert loss.dtype == expected_dtype
+    loss_tol, grad_tol = TOLERANCE[dtype]
+    assert_close(loss, ref_loss, loss_tol, "loss")
+    for name, g, ref_g in zip(["hidden", "weight", "bias"], grads, ref_grads):
+        assert g.dtype == dtype and g.shape == ref_g.shape
+        assert_close(g, ref_g, grad_tol, f"grad {name}")
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+@pytest.mark.parametrize("shared", [False, True], ids=["per_example", "shared"])
+def test_float32_close_to_float64(device, objective, shared):
+    """The float32 kernel's error against float64 truth is no worse than the reference's own."""
+    p32 = make_problem(n=64, dim=200, num_classes=300, k=32, device=device, shared=shared)
+    p64 = make_problem(n=64, dim=200, num_classes=300, k=32, device=device, shared=shared,
+                       dtype=torch.float64)
+    truth, truth_grads = loss_and_grads(run_reference, objective, p64)
+    fused, fused_grads = loss_and_grads(run_fused, objective, p32)
+    ref, ref_grads = loss_and_grads(run_reference, objective, p32)
+    ref_error = (ref.double() - truth).abs().item()
+    assert (fused.double() - truth).abs().item() <= max(4 * ref_error, 1e-6 * truth.abs().item())
+    for g, ref_g, true_g in zip(fused_grads, ref_grads, truth_grads):
+        ref_error = (ref_g.double() - true_g).abs().max().item()
+        assert (g.double() - true_g).abs().max().item() <= max(4 * ref_error, 1e-6)
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+@pytest.mark.parametrize("shared", [False, True], ids=["per_example", "shared"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_gradcheck(device, objective, shared, seed):
+    p = make_problem(n=6, dim=5, num_classes=9, k=4, dtype=torch.float64, device=device,
+                     shared=shared, ignore_every=4, seed=seed)
+    log_z = torch.tensor(0.3, dtype=torch.float64, device=device, requires_grad=True)
+    fn = getattr(fused_nce, f"{objective}_loss")
+
+    def loss(hidden, weight, bias, log_z):
+        extra = dict(log_z=log_z) if objective == "nce" else {}
+        return fn(hidden, weight, bias, p.target, p.sampler, negatives=p.negatives,
+                  reduction="none", **extra)
+
+    inputs = (*p.leaves(), log_z)
+    assert torch.autograd.gradcheck(loss, inputs)
+
+
+def test_learned_log_z_gradient(device):
+    p = make_problem(dtype=torch.float64, device=device)
+    log_z = torch.tensor(-0.4, dtype=torch.float64, device=device, requires_grad=True)
+    fused_nce.nce_loss(*p.leaves(), p.target, p.sampler, negatives=p.negatives, log_z=log_z).backward()
+    ref_log_z = log_z.detach().clone().requires_grad_()
+    reference.nce_loss(*p.leaves(), p.target, p.sampler.probs, p.negatives, log_z=ref_log_z).backward()
+    torch.testing.assert_close(log_z.grad, ref_log_z.grad)
+    assert log_z.grad.abs().item() > 0
+
+
+def test_log_z_shifts_nce_loss(device):
+    """log_z as a float and as a tensor are the same thing, and it changes the loss."""
+    p = make_problem(device=device)
+    common = dict(negatives=p.negatives)
+    a = fused_nce.nce_loss(p.hidden, p.weight, p.bias, p.target, p.sampler, log_z=1.5, **common)
+    b = fused_nce.nce_loss(p.hidden, p.weight, p.bias, p.target, p.sampler,
+                           log_z=torch.tensor(1.5), **common)
+    c = fused_nce.nce_loss(p.hidden, p.weight, p.bias, p.target, p.sampler, **common)
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, c)
+
+
+def test_duplicate_negatives_count_each_time(device):
+    """A negative drawn twice contributes twice, in the loss and in the gradient."""
+    p = make_problem(n=1, k=1, ignore_every=0, hits=False, device=device, dtype=torch.float64)
+    p.target.fill_(3)
+    once = p.negatives.reshape(1, 1).clone().fill_(5)
+    twice = once.repeat(1, 2)
+    h, w, b = p.leaves()
+    base = fused_nce.negative_sampling_loss(h, w, b, p.target, negatives=once.new_tensor([[4]]))
+    single = fused_nce.negative_sampling_loss(h, w, b, p.target, negatives=torch.cat([once.new_tensor([[4]]), once], 1))
+    double = fused_nce.negative_sampling_loss(h, w, b, p.target, negatives=torch.cat([once.new_tensor([[4]]), twice], 1))
+    torch.testing.assert_close(double - single, single - base)
+    w.grad = None
+    double.backward()
+    term = torch.sigmoid(h.detach()[0] @ w.detach()[5] + b.detach()[5])
+    torch.testing.assert_close(w.grad[5], 2 * term * h.detach()[0])
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_sampling_inside_the_loss(device, objective):
+    """With num_negatives the loss draws from noise; the same seed gives the same loss."""
+    p = make_problem(device=device)
+    fn = getattr(fused_nce, f"{objective}_loss")
+    losses = []
+    for _ in range(2):
+        torch.manual_seed(123)
+        losses.append(fn(p.hidden, p.weight, p.bias, p.target, p.sampler, num_negatives=5))
+    torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=0)
+    g = torch.Generator(device=device).manual_seed(7)
+    other = fn(p.hidden, p.weight, p.bias, p.target, p.sampler, num_negatives=5, generator=g)
+    assert other.item() != losses[0].item()
+    # Drawing explicitly with the same generator state gives the same loss.
+    g.manual_seed(7)
+    negatives = p.sampler.sample((p.target.numel(), 5), generator=g)
+    explicit = fn(p.hidden, p.weight, p.bias, p.target, p.sampler, negatives=negatives)
+    torch.testing.assert_close(other, explicit, rtol=0, atol=0)
+
+
+def test_noise_as_weights_tensor(device):
+    p = make_problem(device=device)
+    weights = p.sampler.probs * 3.0
+    a = fused_nce.nce_loss(p.hidden, p.weight, p.bias, p.target, weights, negatives=p.negatives)
+    b = fused_nce.nce_loss(p.hidden, p.weight, p.bias, p.target, p.sampler, negatives=p.negatives)
+    torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["per_example", "shared"])
+def test_backward_is_bitwise_reproducible(device, shared):
+    p = make_problem(n=300, dim=64, num_classes=40, k=16, device=device, shared=shared)
+    runs = []
+    threads = torch.get_num_threads()
+    try:
+        for num_threads in [1, threads, 1]:
+            torch.set_num_threads(num_threads)
+            runs.append(loss_and_grads(run_fused, "nce", p)[1])
+    finally:
+        torch.set_num_threads(threads)
+    for grads in runs[1:]:
+        for g, g0 in zip(grads, runs[0]):
+            assert torch.equal(g, g0)
+
+
+def test_opcheck(device):
+    ops = torch.ops.fused_nce
+    for shared in [False, True]:
+        p = make_problem(n=11, dim=8, num_classes=13, k=3, device=device, shared=shared)
+        log_z = torch.tensor(0.2, device=device)
+        for objective in range(3):
+            args = (p.hidden, p.weight, p.bias, p.target, p.negatives, p.sampler.probs, log_z,
+                    objective, True, -100)
+            torch.library.opcheck(ops.sampled_loss_forward.default, args)
+        _, coef = ops.sampled_loss_forward(*args)
+        grad_loss = torch.linspace(0.1, 1.0, 11, device=device)
+        torch.library.opcheck(ops.sampled_loss_backward.default,
+                              (grad_loss, coef, p.hidden, p.weight, True, p.target, p.negatives, -100))
+    torch.library.opcheck(ops.alias_build.default, (torch.rand(17, dtype=torch.float64),))
+    table = fused_nce.AliasSampler(torch.rand(17), device=device).table
+    # A fresh generator per call makes the random op's output comparable across opcheck's runs.
+    torch.library.opcheck(ops.alias_sample.default, (table, [5, 3], None),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_full_softmax_loss_matches_cross_entropy(device):
+    p = make_problem(n=40, num_classes=50, device=device, dtype=torch.float64)
+    h, w, b = p.leaves()
+    logits = h @ w.T + b
+    expected = torch.nn.functional.cross_entropy(logits, p.target, ignore_index=-100)
+    for chunk in [None, 7, 50, 1000]:
+        loss = fused_nce.full_softmax_loss(h, w, b, p.target, chunk_size=chunk)
+        torch.testing.assert_close(loss, expected)
+        (grad_h,) = torch.autograd.grad(loss, h)
+        (expected_grad_h,) = torch.autograd.grad(expected, h, retain_graph=True)
+        torch.testing.assert_close(grad_h, expected_grad_h)
+    none = fused_nce.full_softmax_loss(h, w, None, p.target, reduction="none", chunk_size=9)
+    assert none.shape == p.target.shape and none[0].item() == 0.0
+    torch.testing.assert_close(reference.full_softmax_loss(h, w, b, p.target),
+                               expected)
+
+
+def test_full_softmax_bfloat16_loss_is_float32(device):
+    p = make_problem(dtype=torch.bfloat16, device=device)
+    loss = fused_nce.full_softmax_loss(p.hidden, p.weight, p.bias, p.target, chunk_size=16)
+    assert loss.dtype == torch.float32
+    exact = fused_nce.full_softmax_loss(p.hidden.double(), p.weight.double(), p.bias.double(), p.target)
+    torch.testing.assert_close(loss.double(), exact, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,135 @@
+"""The alias sampler: exact frequencies, reproducibility, the noise weight helpers."""
+
+import math
+
+import pytest
+import torch
+
+import fused_nce
+
+
+def chi_square_p_upper(statistic, dof):
+    """P(X >= statistic) for chi-square(dof), by the Wilson-Hilferty normal approximation."""
+    z = ((statistic / dof) ** (1 / 3) - (1 - 2 / (9 * dof))) / math.sqrt(2 / (9 * dof))
+    return 0.5 * math.erfc(z / math.sqrt(2))
+
+
+def chi_square(draws, probs):
+    counts = torch.bincount(draws.cpu(), minlength=probs.numel()).double()
+    expected = probs.cpu().double() * draws.numel()
+    keep = expected > 0
+    return (((counts - expected) ** 2)[keep] / expected[keep]).sum().item(), int(keep.sum()) - 1
+
+
+@pytest.mark.parametrize("kind", ["zipf", "uniform", "spiky"])
+def test_frequencies_match_probs(device, kind):
+    num_classes = 1000
+    ranks = torch.arange(num_classes, dtype=torch.float64)
+    weights = {
+        "zipf": fused_nce.log_uniform_weights(num_classes),
+        "uniform": torch.ones(num_classes),
+        "spiky": torch.where(ranks % 97 == 0, 1000.0, 1.0) * (ranks % 5 != 0),
+    }[kind]
+    sampler = fused_nce.AliasSampler(weights, device=device)
+    torch.testing.assert_close(sampler.probs.double().cpu(), weights.double() / weights.sum(),
+                               rtol=1e-6, atol=0)
+    draws = sampler.sample(2_000_000, generator=torch.Generator(device).manual_seed(1))
+    statistic, dof = chi_square(draws, sampler.probs)
+    assert chi_square_p_upper(statistic, dof) > 1e-4, (statistic, dof)
+    if kind == "spiky":
+        assert not bool((draws.cpu() % 5 == 0).any()), "a zero-weight class was drawn"
+
+
+def test_chi_square_detects_a_wrong_distribution(device):
+    """The frequency test above has teeth: a slightly wrong distribution fails it."""
+    weights = torch.ones(1000)
+    draws = fused_nce.AliasSampler(weights, device=device).sample(
+        2_000_000, generator=torch.Generator(device).manual_seed(1))
+    wrong = weights.clone()
+    wrong[:50] *= 1.1
+    statistic, dof = chi_square(draws, wrong / wrong.sum())
+    assert chi_square_p_upper(statistic, dof) < 1e-4
+
+
+def test_draws_are_reproducible(device):
+    sampler = fused_nce.AliasSampler(torch.rand(100) + 0.01, device=device)
+    torch.manual_seed(3)
+    a = sampler.sample((4, 5))
+    torch.manual_seed(3)
+    b = sampler.sample((4, 5))
+    c = sampler.sample((4, 5))
+    assert a.shape == (4, 5) and a.dtype == torch.int64 and a.device == sampler.device
+    assert torch.equal(a, b) and not torch.equal(b, c)
+    g = torch.Generator(device).manual_seed(11)
+    d = sampler.sample(20, generator=g)
+    g.manual_seed(11)
+    assert torch.equal(d, sampler.sample(20, generator=g))
+
+
+def test_draws_do_not_depend_on_thread_count():
+    sampler = fused_nce.AliasSampler(torch.rand(5000))
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in [1, threads]:
+            torch.set_num_threads(n)
+            results.append(sampler.sample(100_000, generator=torch.Generator().manual_seed(5)))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0], results[1])
+
+
+def test_single_class_and_empty_draws(device):
+    sampler = fused_nce.AliasSampler(torch.tensor([2.5]), device=device)
+    assert sampler.num_classes == 1
+    assert torch.equal(sampler.sample(10).cpu(), torch.zeros(10, dtype=torch.int64))
+    assert sampler.sample((0, 3)).shape == (0, 3)
+
+
+def test_sampler_moves_and_keeps_its_table():
+    sampler = fused_nce.AliasSampler(torch.rand(50))
+    moved = sampler.to("cpu")
+    assert torch.equal(moved.table, sampler.table) and moved.device == torch.device("cpu")
+    assert "num_classes=50" in repr(sampler)
+
+
+def test_tiny_probabilities_are_kept():
+    weights = torch.tensor([1e-35, 1.0, 0.0, 3.0], dtype=torch.float64)
+    sampler = fused_nce.AliasSampler(weights)
+    assert sampler.probs[0].item() > 0 and sampler.probs[2].item() == 0.0
+    draws = sampler.sample(100_000)
+    assert not bool((draws == 2).any())
+
+
+def test_noise_weight_helpers():
+    counts = torch.tensor([10.0, 0.0, 3.0])
+    torch.testing.assert_close(fused_nce.unigram_weights(counts),
+                               counts.double() ** 0.75)
+    torch.testing.assert_close(fused_nce.unigram_weights(counts, power=1.0), counts.double())
+    w = fused_nce.log_uniform_weights(4)
+    torch.testing.assert_close(w, torch.tensor([2 / 1, 3 / 2, 4 / 3, 5 / 4]).double().log())
+    with pytest.raises(ValueError, match="counts"):
+        fused_nce.unigram_weights(torch.tensor([1.0, -1.0]))
+    with pytest.raises(ValueError, match="num_classes"):
+        fused_nce.log_uniform_weights(0)
+
+
+@pytest.mark.parametrize("weights, error, message", [
+    (torch.tensor([1.0, -0.5]), ValueError, "non-negative"),
+    (torch.tensor([1.0, float("nan")]), ValueError, "finite"),
+    (torch.tensor([1.0, float("inf")]), ValueError, "finite"),
+    (torch.zeros(3), ValueError, "all be zero"),
+    (torch.ones(2, 2), ValueError, "1-D"),
+    (torch.ones(0), ValueError, "non-empty"),
+    ([1.0, 2.0], TypeError, "Tensor"),
+    (torch.ones(3, dtype=torch.bool), TypeError, "real"),
+])
+def test_bad_weights(weights, error, message):
+    with pytest.raises(error, match=message):
+        fused_nce.AliasSampler(weights)
+
+
+def test_bad_sample_size():
+    sampler = fused_nce.AliasSampler(torch.ones(3))
+    with pytest.raises(ValueError, match="size"):
+        sampler.sample(-1)
