@@ -6,6 +6,9 @@
 #include <torch/library.h>
 
 #include <memory>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 #include <vector>
 
 #include "../fused_nce.h"
@@ -82,9 +85,24 @@ void check_inputs(const at::Tensor& hidden, const at::Tensor& weight,
   check_indices(negatives, weight.size(0), "negatives", false, 0);
 }
 
-// Adds every entry's contribution to its row of grad_weight / grad_bias. Entries are sorted by
-// row (counting sort, stable) and each row is summed by one thread in entry order: no races, and
-// the result is bitwise reproducible whatever the thread count. `entry_row[e] < 0` skips entry e.
+// A fresh [V, D] gradient is hundreds of MB of untouched pages: at 4 KiB a page, first-touch page
+// faults cost more than the scatter itself. Ask for transparent huge pages before writing it.
+void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t end = begin + t.nbytes();
+  const uintptr_t aligned = (begin + kHuge - 1) & ~(kHuge - 1);
+  if (end > aligned + kHuge) {
+    madvise(reinterpret_cast<void*>(aligned), (end - aligned) & ~(kHuge - 1), MADV_HUGEPAGE);
+  }
+#endif
+}
+
+// Writes every row of grad_weight / grad_bias: the sum of its entries' contributions, or zero.
+// Entries are sorted by row (counting sort, stable) and each row is summed by one thread in entry
+// order: no races, and the result is bitwise reproducible whatever the thread count. Writing the
+// zeros here too spares a separate serial memset of [V, D]. `entry_row[e] < 0` skips entry e;
 // `add_entry(e, acc)` adds the entry's [D] contribution to acc and returns its bias contribution.
 template <typename scalar_t, typename acc_t, typename AddEntry>
 void scatter_rows(const std::vector<int64_t>& entry_row, int64_t num_rows, int64_t dim,
@@ -94,26 +112,28 @@ void scatter_rows(const std::vector<int64_t>& entry_row, int64_t num_rows, int64
     if (r >= 0) ++start[r + 1];
   }
   for (int64_t r = 0; r < num_rows; ++r) start[r + 1] += start[r];
-  const int64_t num_kept = start[num_rows];
-  std::vector<int64_t> order(num_kept);
+  std::vector<int64_t> order(start[num_rows]);
   {
     std::vector<int64_t> next(start.begin(), start.end() - 1);
     for (int64_t e = 0, n = static_cast<int64_t>(entry_row.size()); e < n; ++e) {
       if (entry_row[e] >= 0) order[next[entry_row[e]]++] = e;
     }
   }
-  const auto row_at = [&](int64_t p) { return entry_row[order[p]]; };
-  // Split by entries, not rows, so hot rows (frequent classes) do not pile onto one thread; a
-  // task owns the rows whose first entry falls in its range.
-  at::parallel_for(0, num_kept, grain_for(dim), [&](int64_t begin, int64_t end) {
+  // Rows [0, r) cost r + start[r] row-sized writes and reads; cut them into parts of equal cost
+  // so hot rows (frequent classes, all at low indices under a Zipfian noise) are spread out.
+  const int64_t num_parts = 4 * at::get_num_threads();
+  const int64_t total_cost = num_rows + start[num_rows];
+  std::vector<int64_t> part_begin(num_parts + 1, num_rows);
+  part_begin[0] = 0;
+  for (int64_t r = 0, p = 1; r < num_rows && p < num_parts; ++r) {
+    while (p < num_parts && r + start[r] >= p * total_cost / num_parts) part_begin[p++] = r;
+  }
+  at::parallel_for(0, num_parts, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(dim);
-    int64_t p = begin;
-    while (p < end && p > 0 && row_at(p) == row_at(p - 1)) ++p;
-    while (p < end) {
-      const int64_t row = row_at(p);
+    for (int64_t row = part_begin[begin]; row < part_begin[end]; ++row) {
       std::fill(acc.begin(), acc.end(), acc_t(0));
       acc_t bias_acc = 0;
-      for (; p < num_kept && row_at(p) == row; ++p) bias_acc += add_entry(order[p], acc.data());
+      for (int64_t p = start[row]; p < start[row + 1]; ++p) bias_acc += add_entry(order[p], acc.data());
       store_row(acc.data(), grad_weight + row * dim, dim);
       if (grad_bias != nullptr) grad_bias[row] = static_cast<scalar_t>(bias_acc);
     }
@@ -224,8 +244,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sampled_loss_backward_cpu(
   const auto scaled = (coef.to(acc_dtype) * grad_loss.to(acc_dtype).unsqueeze(1)).contiguous();
   const bool shared = neg.dim() == 1;
   auto grad_hidden = at::empty_like(h);
-  auto grad_weight = at::zeros_like(w);
-  auto grad_bias = has_bias ? at::zeros({num_rows}, w.options()) : at::empty({0}, w.options());
+  // scatter_rows writes every row, zeros included.
+  auto grad_weight = at::empty_like(w);
+  advise_huge_pages(grad_weight);
+  auto grad_bias = at::empty({has_bias ? num_rows : 0}, w.options());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(),
                                   "sampled_loss_backward_cpu", [&] {

@@ -1,0 +1,237 @@
+"""Microbenchmark: fused kernels vs fused_nce.reference vs full softmax.
+
+For each negatives mode (per-example, shared) and objective: forward+backward time (median of
+repeats after warm-up; CUDA events on a GPU) and extra peak memory (beyond the inputs and the
+gradients). Prints a table and writes one long CSV. Defaults: N=4096, D=256, k=64, V=100,000,
+float32, on CUDA when present, else CPU.
+
+    python bench/bench_losses.py [--device cpu] [--n 4096] [--csv bench/out/bench_losses.csv]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import ctypes
+import datetime
+import os
+import platform
+import re
+import statistics
+import time
+from typing import Callable, Dict, List
+
+import torch
+import torch.nn.functional as F
+
+import fused_nce
+from fused_nce import reference
+
+OBJECTIVES = ["nce", "negative_sampling", "sampled_softmax"]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "float64": torch.float64}
+
+
+class PeakMemory:
+    """Peak bytes in use during a region, relative to its start.
+
+    CUDA: the caching allocator's peak. CPU: the process's resident-set high-water mark, reset
+    with /proc/self/clear_refs; malloc is told to return large blocks to the system at once so
+    freed memory is not hidden in its cache.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        if device.type == "cpu":
+            libc = ctypes.CDLL("libc.so.6")
+            libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: large blocks straight from mmap
+            libc.mallopt(-1, 1 << 20)  # M_TRIM_THRESHOLD
+
+    def _cpu_status(self, field: str) -> int:
+        with open("/proc/self/status") as f:
+            return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1)) * 1024
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.base = self._cpu_status("VmRSS")
+
+    def peak(self) -> int:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device) - self.base
+        return self._cpu_status("VmHWM") - self.base
+
+
+def make_case(args, device: torch.device, dtype: torch.dtype, shared: bool, seed: int = 0):
+    g = torch.Generator(device).manual_seed(seed)
+    n, dim, v, k = args.n, args.dim, args.num_classes, args.k
+    hidden = (torch.randn(n, dim, generator=g, device=device) / dim ** 0.5).to(dtype)
+    weight = (torch.randn(v, dim, generator=g, device=device) * 0.1).to(dtype)
+    bias = torch.zeros(v, device=device, dtype=dtype)
+    sampler = fused_nce.AliasSampler(fused_nce.log_uniform_weights(v), device=device)
+    target = sampler.sample(n, generator=g)  # Zipfian targets, like words
+    # A few negative sets to rotate through, so repeats do not reuse the same rows.
+    negatives = [sampler.sample((k,) if shared else (n, k), generator=g) for _ in range(3)]
+    leaves = [t.requires_grad_() for t in (hidden, weight, bias)]
+    return leaves, target, sampler, negatives
+
+
+def providers(objective: str) -> Dict[str, Callable]:
+    fused = getattr(fused_nce, f"{objective}_loss")
+    ref = getattr(reference, f"{objective}_loss")
+
+    def run_fused(h, w, b, t, sampler, negatives):
+        return fused(h, w, b, t, sampler, negatives=negatives)
+
+    def run_reference(h, w, b, t, sampler, negatives):
+        if objective == "negative_sampling":
+            return ref(h, w, b, t, negatives)
+        return ref(h, w, b, t, sampler.probs, negatives)
+
+    return {"fused": run_fused, "reference": run_reference}
+
+
+def full_softmax(h, w, b, t, sampler, negatives):
+    return F.cross_entropy(F.linear(h, w, b).float(), t)
+
+
+def measure(step: Callable, leaves: List[torch.Tensor], negatives: List[torch.Tensor],
+            device: torch.device, warmup: int, repeats: int, memory: PeakMemory):
+    def run(i: int) -> None:
+        for leaf in leaves:
+            leaf.grad = None
+        step(negatives[i % len(negatives)]).backward()
+
+    for i in range(warmup):
+        run(i)
+    times = []
+    for i in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run(i)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            run(i)
+            times.append((time.perf_counter() - t0) * 1e3)
+    for leaf in leaves:
+        leaf.grad = None
+    memory.start()
+    run(0)
+    grad_bytes = sum(leaf.grad.numel() * leaf.grad.element_size() for leaf in leaves)
+    extra = memory.peak() - grad_bytes
+    for leaf in leaves:
+        leaf.grad = None
+    return times, max(extra, 0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=4096, help="examples (tokens) per step")
+    parser.add_argument("--dim", type=int, default=256, help="D")
+    parser.add_argument("--k", type=int, default=64, help="negatives per example")
+    parser.add_argument("--num-classes", type=int, default=100_000, help="V")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--objectives", nargs="+", choices=OBJECTIVES, default=OBJECTIVES)
+    parser.add_argument("--modes", nargs="+", choices=["per_example", "shared"],
+                        default=["per_example", "shared"])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-full-softmax", action="store_true", help="skip the O(V) baseline")
+    parser.add_argument("--csv", default="bench/out/bench_losses.csv")
+    args = parser.parse_args()
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    memory = PeakMemory(device)
+    device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads")
+    meta = dict(device=device_name, torch=torch.__version__, date=datetime.date.today().isoformat(),
+                threads=torch.get_num_threads(), n=args.n, dim=args.dim, k=args.k,
+                num_classes=args.num_classes, dtype=args.dtype)
+    print(f"fused_nce microbenchmark on {device_name}, torch {torch.__version__}: "
+          f"N={args.n} D={args.dim} k={args.k} V={args.num_classes} {args.dtype}, "
+          f"forward+backward, median of {args.repeats}")
+
+    rows = []
+
+    def record(mode, objective, provider, times, extra):
+        rows.append(dict(meta, mode=mode, objective=objective, provider=provider,
+                         median_ms=statistics.median(times), min_ms=min(times),
+                         max_ms=max(times), extra_peak_mb=extra / 2**20))
+        r = rows[-1]
+        print(f"  {mode:<12} {objective:<18} {provider:<13} {r['median_ms']:10.2f} ms "
+              f"[{r['min_ms']:.2f}, {r['max_ms']:.2f}]  {r['extra_peak_mb']:9.1f} MB", flush=True)
+
+    for mode in args.modes:
+        leaves, target, sampler, negatives = make_case(args, device, dtype, mode == "shared")
+        for objective in args.objectives:
+            for name, fn in providers(objective).items():
+                step = lambda negs, fn=fn: fn(*leaves, target, sampler, negs)  # noqa: E731
+                times, extra = measure(step, leaves, negatives, device, 1, args.repeats, memory)
+                record(mode, objective, name, times, extra)
+        del leaves, negatives
+
+    if not args.no_full_softmax:
+        leaves, target, sampler, negatives = make_case(args, device, dtype, False)
+        step = lambda negs: full_softmax(*leaves, target, sampler, negs)  # noqa: E731
+        times, extra = measure(step, leaves, negatives, device, 1, max(2, args.repeats // 2), memory)
+        record("-", "full_softmax", "full_softmax", times, extra)
+        del leaves
+    # Sampling cost: N * k draws from the alias table.
+    sampler = fused_nce.AliasSampler(fused_nce.log_uniform_weights(args.num_classes), device=device)
+    times, _ = measure(lambda _: sampler.sample((args.n, args.k)).float().sum().requires_grad_(),
+                       [], [None], device, 1, args.repeats, memory)
+    record("-", "alias_sample", "fused", times, 0)
+
+    print_summary(rows)
+    os.makedirs(os.path.dirname(args.csv) or ".", exist_ok=True)
+    with open(args.csv, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {args.csv}")
+
+
+def print_summary(rows) -> None:
+    """Markdown table: fused against the reference and full softmax."""
+    by_key = {(r["mode"], r["objective"], r["provider"]): r for r in rows}
+    full = by_key.get(("-", "full_softmax", "full_softmax"))
+    print()
+    print("| negatives | objective | fused ms | reference ms | speed-up | fused extra MB | "
+          "reference extra MB | memory ratio |" + (" vs full softmax |" if full else ""))
+    print("|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if full else ""))
+    for (mode, objective, provider), r in by_key.items():
+        ref = by_key.get((mode, objective, "reference"))
+        if provider != "fused" or ref is None:
+            continue
+        line = (f"| {mode} | {objective} | {r['median_ms']:.1f} | {ref['median_ms']:.1f} | "
+                f"{ref['median_ms'] / r['median_ms']:.1f}x | {r['extra_peak_mb']:.1f} | "
+                f"{ref['extra_peak_mb']:.1f} | {ref['extra_peak_mb'] / max(r['extra_peak_mb'], 0.1):.1f}x |")
+        if full:
+            line += f" {full['median_ms'] / r['median_ms']:.0f}x |"
+        print(line)
+    if full:
+        print(f"\nfull softmax (F.cross_entropy on [N, V] logits): {full['median_ms']:.1f} ms, "
+              f"{full['extra_peak_mb']:.1f} MB extra")
+    for r in rows:
+        if r["objective"] == "alias_sample":
+            draws = r["n"] * r["k"]
+            print(f"alias sampler: {draws} draws in {r['median_ms']:.2f} ms "
+                  f"({draws / r['median_ms'] / 1e6:.2f} G draws/s)")
+
+
+if __name__ == "__main__":
+    main()
