@@ -47,51 +47,76 @@ FUSED_NCE_HD T log_noise_prob(float q) {
   return log(T(q > kTinyProb ? q : kTinyProb));
 }
 
-// One example of the sampled losses. On entry `s[0]` is the target's score and `s[1..k]` the
-// negatives' scores, `log_q[j]` the log noise probability of the same classes (unused by negative
-// sampling) and `dropped[j]` marks accidental hits to drop (`dropped[0]` is ignored). On exit
-// `s[j]` holds dloss/ds[j]. Returns the loss. `log_z` is used by NCE only.
+// NCE / negative sampling logit of a class: d = s - log_z - log(k q) for NCE, d = s otherwise.
+// `shift` is log_z + log(k) for NCE (see binary_shift), `log_q` is unused by negative sampling.
+template <typename T>
+FUSED_NCE_HD T binary_shift(int64_t objective, T log_z, int64_t k) {
+  using std::log;
+  return objective == kNce ? log_z + log(T(k)) : T(0);
+}
+
+template <typename T>
+FUSED_NCE_HD T binary_logit(int64_t objective, T score, T log_q, T shift) {
+  return objective == kNce ? score - shift - log_q : score;
+}
+
+// One term of the NCE / negative sampling loss and its derivative in the score: the target
+// (positive) contributes softplus(-d), a negative softplus(d).
+template <typename T>
+struct Term {
+  T loss;
+  T grad;
+};
+
+template <typename T>
+FUSED_NCE_HD Term<T> binary_term(bool positive, T d) {
+  return positive ? Term<T>{softplus(-d), -sigmoid(-d)} : Term<T>{softplus(d), sigmoid(d)};
+}
+
+// Sampled softmax: logQ-corrected logit o = s - log q; with lse = logsumexp over the example's
+// logits, the loss is lse - o(target) and dloss/ds = softmax(o) - [positive].
+template <typename T>
+FUSED_NCE_HD T softmax_grad(bool positive, T logit, T lse) {
+  using std::exp;
+  return exp(logit - lse) - T(positive ? 1 : 0);
+}
+
+// One example, sequentially (the CPU kernel; the CUDA kernel spreads the same terms over a warp).
+// On entry `s[0]` is the target's score and `s[1..k]` the negatives' scores, `log_q[j]` the log
+// noise probability of the same classes (unused by negative sampling) and `dropped[j]` marks
+// accidental hits to drop (`dropped[0]` is ignored). On exit `s[j]` holds dloss/ds[j]. Returns
+// the loss. `log_z` is used by NCE only.
 template <typename T>
 FUSED_NCE_HD T example_loss_and_grad(int64_t objective, int64_t k, T* s, const T* log_q,
                                      const bool* dropped, T log_z) {
   using std::exp;
   using std::log;
+  const auto kept = [&](int64_t j) { return j == 0 || !dropped[j]; };
   if (objective == kSampledSoftmax) {
-    // logQ-corrected logits o = s - log q; loss = logsumexp(o) - o[0].
     T max_logit = s[0] - log_q[0];
     for (int64_t j = 0; j <= k; ++j) {
-      if (j > 0 && dropped[j]) continue;
       s[j] -= log_q[j];
-      if (s[j] > max_logit) max_logit = s[j];
+      if (kept(j) && s[j] > max_logit) max_logit = s[j];
     }
     T sum = T(0);
     for (int64_t j = 0; j <= k; ++j) {
-      if (j == 0 || !dropped[j]) sum += exp(s[j] - max_logit);
+      if (kept(j)) sum += exp(s[j] - max_logit);
     }
     const T lse = max_logit + log(sum);
     const T loss = lse - s[0];
-    for (int64_t j = 0; j <= k; ++j) {
-      s[j] = (j > 0 && dropped[j]) ? T(0) : exp(s[j] - lse) - T(j == 0);
-    }
+    for (int64_t j = 0; j <= k; ++j) s[j] = kept(j) ? softmax_grad(j == 0, s[j], lse) : T(0);
     return loss;
   }
-  // NCE: d = s - log_z - log(k q); negative sampling: d = s.
-  const bool nce = objective == kNce;
-  const T shift = nce ? log_z + log(T(k)) : T(0);
+  const T shift = binary_shift(objective, log_z, k);
   T loss = T(0);
   for (int64_t j = 0; j <= k; ++j) {
-    if (j > 0 && dropped[j]) {
+    if (!kept(j)) {
       s[j] = T(0);
       continue;
     }
-    const T d = s[j] - shift - (nce ? log_q[j] : T(0));
-    if (j == 0) {
-      loss += softplus(-d);
-      s[j] = -sigmoid(-d);
-    } else {
-      loss += softplus(d);
-      s[j] = sigmoid(d);
-    }
+    const Term<T> term = binary_term(j == 0, binary_logit(objective, s[j], log_q[j], shift));
+    loss += term.loss;
+    s[j] = term.grad;
   }
   return loss;
 }
@@ -125,6 +150,54 @@ FUSED_NCE_HD Philox128 philox4x32_10(uint64_t counter, uint64_t offset, uint64_t
     k1 += 0xBB67AE85u;
   }
   return Philox128{{c0, c1, c2, c3}};
+}
+
+// ---- Alias table construction (Hubschle-Schneider & Sanders, "Parallel Weighted Random
+// Sampling"): every entry is computed independently from prefix sums, so the same code builds the
+// table sequentially on the CPU and in parallel on the GPU.
+// With p = w V / sum(w), light classes (p < 1) and heavy classes (p >= 1) are each listed in index
+// order; sigma_l[i] is the sum of the deficits 1 - p of the lights before light i and sigma_h[j]
+// the sum of the surpluses p - 1 of the heavies before heavy j (both arrays end with the total).
+// Light i is topped up by heavy j = max{j : sigma_h[j] <= sigma_l[i]}. A heavy that runs out in
+// the middle of a light keeps that overshoot as its own bucket's deficit, which the next heavy
+// fills: each bucket is filled by a single alias and every class keeps exactly its mass.
+
+FUSED_NCE_HD int64_t pack_alias_entry(double keep, int64_t alias) {
+  const double scaled = keep * 4294967296.0;
+  const uint64_t threshold =
+      scaled >= 4294967295.0 ? 0xFFFFFFFFull : (scaled > 0 ? static_cast<uint64_t>(scaled) : 0);
+  return static_cast<int64_t>((static_cast<uint64_t>(alias) << 32) | threshold);
+}
+
+// First index in a sorted a[0..n) whose value is > x (upper) or >= x (lower).
+FUSED_NCE_HD int64_t search_sorted(const double* a, int64_t n, double x, bool upper) {
+  int64_t lo = 0, hi = n;
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (upper ? a[mid] <= x : a[mid] < x) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo;
+}
+
+FUSED_NCE_HD int64_t light_alias_entry(double p, double sigma_l, const int64_t* heavy,
+                                       const double* sigma_h, int64_t num_heavy) {
+  const int64_t j = search_sorted(sigma_h, num_heavy, sigma_l, /*upper=*/true) - 1;
+  return pack_alias_entry(p, heavy[j > 0 ? j : 0]);
+}
+
+FUSED_NCE_HD int64_t heavy_alias_entry(int64_t j, const int64_t* heavy, const double* sigma_h,
+                                       int64_t num_heavy, const double* sigma_l,
+                                       int64_t num_light) {
+  if (j == num_heavy - 1) return pack_alias_entry(1.0, heavy[j]);
+  // The light where heavy j runs out ends at the start of the first light it does not fill.
+  const int64_t next = search_sorted(sigma_l, num_light, sigma_h[j + 1], /*upper=*/false);
+  const double overshoot = sigma_l[next] - sigma_h[j + 1];
+  const double keep = 1.0 - overshoot;
+  return pack_alias_entry(keep < 0 ? 0.0 : keep, heavy[j + 1]);
 }
 
 // Alias table entry: bits 63..32 hold the alias class, bits 31..0 the acceptance threshold

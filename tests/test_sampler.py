@@ -40,6 +40,50 @@ def test_frequencies_match_probs(device, kind):
         assert not bool((draws.cpu() % 5 == 0).any()), "a zero-weight class was drawn"
 
 
+def table_probs(table):
+    """The distribution an alias table encodes: bucket c keeps c with probability threshold / 2^32
+    and hands the rest to its alias."""
+    table = table.cpu()
+    num_classes = table.numel()
+    keep = (table & 0xFFFFFFFF).double() / 2.0**32
+    alias = table >> 32
+    probs = keep.clone()
+    probs.index_add_(0, alias, 1.0 - keep)
+    return probs / num_classes
+
+
+@pytest.mark.parametrize("kind", ["zipf", "uniform", "one_heavy", "zeros", "exact_ones", "random"])
+def test_table_encodes_the_weights_exactly(device, kind):
+    """Every class keeps its exact mass in the table, whatever the mix of light and heavy classes."""
+    num_classes = 100_003
+    gen = torch.Generator().manual_seed(0)
+    weights = {
+        "zipf": fused_nce.log_uniform_weights(num_classes),
+        "uniform": torch.ones(num_classes, dtype=torch.float64),
+        "one_heavy": torch.cat([torch.full((1,), 1e6), torch.ones(num_classes - 1)]).double(),
+        "zeros": torch.rand(num_classes, generator=gen, dtype=torch.float64)
+        * (torch.rand(num_classes, generator=gen) < 0.1),
+        "exact_ones": torch.tensor([2.0, 1.0, 0.0, 1.0] * 25000 + [1.0, 1.0, 1.0]).double(),
+        "random": torch.rand(num_classes, generator=gen, dtype=torch.float64) ** 8,
+    }[kind]
+    table = fused_nce.AliasSampler(weights, device=device).table
+    assert table.dtype == torch.int64 and table.shape == (num_classes,)
+    alias = table.cpu() >> 32
+    assert bool(((alias >= 0) & (alias < num_classes)).all())
+    # A class of weight zero is never the alias of a bucket that can hand out mass.
+    keep = table.cpu() & 0xFFFFFFFF
+    gives = keep < 0xFFFFFFFF
+    assert not bool((weights[alias[gives]] == 0).any())
+    # Each bucket truncates its threshold to 32 bits: a class may be off by 2^-32 / V per bucket
+    # that hands it mass. The rounding of the double prefix sums over V classes (about 1e-9 of a
+    # bucket here) lands on the last heavy class.
+    expected = weights / weights.sum()
+    buckets = 1 + torch.bincount(alias[gives], minlength=num_classes).double()
+    error = (table_probs(table) - expected).abs()
+    bound = (buckets * 2.0**-32 + 1e-8) / num_classes
+    assert bool((error <= bound).all()), (error / bound).max().item()
+
+
 def test_chi_square_detects_a_wrong_distribution(device):
     """The frequency test above has teeth: a slightly wrong distribution fails it."""
     weights = torch.ones(1000)

@@ -26,40 +26,31 @@ at::Tensor alias_build_cpu(const at::Tensor& weights) {
   }
   TORCH_CHECK_VALUE(total > 0 && std::isfinite(total), "weights must not all be zero");
 
-  // Bucket c keeps class c with probability scaled[c] and hands the rest to alias[c].
   std::vector<double> scaled(num_classes);
-  std::vector<int64_t> small, large;
+  std::vector<int64_t> light, heavy;
   for (int64_t c = 0; c < num_classes; ++c) {
     scaled[c] = wp[c] * static_cast<double>(num_classes) / total;
-    (scaled[c] < 1.0 ? small : large).push_back(c);
+    (scaled[c] < 1.0 ? light : heavy).push_back(c);
   }
+  const int64_t num_light = light.size(), num_heavy = heavy.size();
+  std::vector<double> sigma_l(num_light + 1, 0.0), sigma_h(num_heavy + 1, 0.0);
+  for (int64_t i = 0; i < num_light; ++i) sigma_l[i + 1] = sigma_l[i] + (1.0 - scaled[light[i]]);
+  for (int64_t j = 0; j < num_heavy; ++j) sigma_h[j + 1] = sigma_h[j] + (scaled[heavy[j]] - 1.0);
+
   auto table = at::empty({num_classes}, weights.options().dtype(at::kLong).device(at::kCPU));
   int64_t* tp = table.mutable_data_ptr<int64_t>();
-  const auto set_entry = [&](int64_t c, double keep, int64_t alias) {
-    const double scaled_keep = std::ldexp(keep, 32);
-    const uint64_t threshold =
-        scaled_keep >= 4294967295.0 ? 0xFFFFFFFFull : static_cast<uint64_t>(scaled_keep);
-    tp[c] = static_cast<int64_t>((static_cast<uint64_t>(alias) << 32) | threshold);
-  };
-  int64_t last_large = -1;
-  while (!small.empty() && !large.empty()) {
-    const int64_t s = small.back(), l = large.back();
-    small.pop_back();
-    large.pop_back();
-    set_entry(s, scaled[s], l);
-    last_large = l;
-    scaled[l] = (scaled[l] + scaled[s]) - 1.0;
-    (scaled[l] < 1.0 ? small : large).push_back(l);
-  }
-  // What is left is full up to rounding; a zero-weight class must still never be drawn.
-  for (const int64_t c : large) set_entry(c, 1.0, c);
-  for (const int64_t c : small) {
-    if (wp[c] > 0 || last_large < 0) {
-      set_entry(c, 1.0, c);
-    } else {
-      set_entry(c, 0.0, last_large);
+  at::parallel_for(0, num_light, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      tp[light[i]] = light_alias_entry(scaled[light[i]], sigma_l[i], heavy.data(), sigma_h.data(),
+                                       num_heavy);
     }
-  }
+  });
+  at::parallel_for(0, num_heavy, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      tp[heavy[j]] = heavy_alias_entry(j, heavy.data(), sigma_h.data(), num_heavy, sigma_l.data(),
+                                       num_light);
+    }
+  });
   return table;
 }
 
