@@ -24,6 +24,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sampled_loss_backward_cpu(
     const at::Tensor& weight, bool has_bias, const at::Tensor& target,
     const at::Tensor& negatives, int64_t ignore_index);
 
+// The same gradients with only the touched rows of weight / bias: (grad_hidden, rows [U] ascending,
+// grad_weight [U, D], grad_bias [U] or empty).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sampled_loss_backward_rows_cpu(
+    const at::Tensor& grad_loss, const at::Tensor& coef, const at::Tensor& hidden,
+    const at::Tensor& weight, bool has_bias, const at::Tensor& target,
+    const at::Tensor& negatives, int64_t ignore_index);
+
 // Walker/Vose alias table of non-negative weights [V]: int64 [V], see alias_draw in nce_math.h.
 at::Tensor alias_build_cpu(const at::Tensor& weights);
 

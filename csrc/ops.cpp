@@ -12,6 +12,12 @@ TORCH_LIBRARY(fused_nce, m) {
   m.def(
       "sampled_loss_backward(Tensor grad_loss, Tensor coef, Tensor hidden, Tensor weight, "
       "bool has_bias, Tensor target, Tensor negatives, int ignore_index) -> (Tensor, Tensor, Tensor)");
+  // The same, with only the touched rows of weight / bias: (grad_hidden, rows, grad_weight[rows],
+  // grad_bias[rows]), rows ascending; for sparse gradients.
+  m.def(
+      "sampled_loss_backward_rows(Tensor grad_loss, Tensor coef, Tensor hidden, Tensor weight, "
+      "bool has_bias, Tensor target, Tensor negatives, int ignore_index) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
   // Walker/Vose alias table from non-negative weights.
   m.def("alias_build(Tensor weights) -> Tensor");
   // O(1) draws from an alias table, randomness from the generator (default one when None).

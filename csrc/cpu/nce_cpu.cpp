@@ -99,26 +99,35 @@ void advise_huge_pages(const at::Tensor& t) {
 #endif
 }
 
-// Writes every row of grad_weight / grad_bias: the sum of its entries' contributions, or zero.
-// Entries are sorted by row (counting sort, stable) and each row is summed by one thread in entry
-// order: no races, and the result is bitwise reproducible whatever the thread count. Writing the
-// zeros here too spares a separate serial memset of [V, D]. `entry_row[e] < 0` skips entry e;
-// `add_entry(e, acc)` adds the entry's [D] contribution to acc and returns its bias contribution.
-template <typename scalar_t, typename acc_t, typename AddEntry>
-void scatter_rows(const std::vector<int64_t>& entry_row, int64_t num_rows, int64_t dim,
-                  scalar_t* grad_weight, scalar_t* grad_bias, const AddEntry& add_entry) {
-  std::vector<int64_t> start(num_rows + 1, 0);
-  for (const int64_t r : entry_row) {
-    if (r >= 0) ++start[r + 1];
-  }
-  for (int64_t r = 0; r < num_rows; ++r) start[r + 1] += start[r];
-  std::vector<int64_t> order(start[num_rows]);
-  {
+// Entries sorted by the row they add to (counting sort, stable): entries order[start[r]] ..
+// order[start[r + 1] - 1] belong to row r. `entry_row[e] < 0` drops entry e.
+struct EntriesByRow {
+  std::vector<int64_t> start, order;
+
+  EntriesByRow(const std::vector<int64_t>& entry_row, int64_t num_rows) : start(num_rows + 1, 0) {
+    for (const int64_t r : entry_row) {
+      if (r >= 0) ++start[r + 1];
+    }
+    for (int64_t r = 0; r < num_rows; ++r) start[r + 1] += start[r];
+    order.resize(start[num_rows]);
     std::vector<int64_t> next(start.begin(), start.end() - 1);
     for (int64_t e = 0, n = static_cast<int64_t>(entry_row.size()); e < n; ++e) {
       if (entry_row[e] >= 0) order[next[entry_row[e]]++] = e;
     }
   }
+  bool touched(int64_t row) const { return start[row + 1] > start[row]; }
+};
+
+// Sums each row's entries into grad_weight / grad_bias. Each row is summed by one thread in entry
+// order: no races, and the result is bitwise reproducible whatever the thread count.
+// `out_row == nullptr`: dense output, every row is written, zeros included (sparing a separate
+// serial memset of [V, D]). Otherwise only touched rows are written, row r to out_row[r].
+// `add_entry(e, acc)` adds entry e's [D] contribution to acc and returns its bias contribution.
+template <typename scalar_t, typename acc_t, typename AddEntry>
+void sum_rows(const EntriesByRow& entries, const int64_t* out_row, int64_t dim,
+              scalar_t* grad_weight, scalar_t* grad_bias, const AddEntry& add_entry) {
+  const auto& start = entries.start;
+  const int64_t num_rows = static_cast<int64_t>(start.size()) - 1;
   // Rows [0, r) cost r + start[r] row-sized writes and reads; cut them into parts of equal cost
   // so hot rows (frequent classes, all at low indices under a Zipfian noise) are spread out.
   const int64_t num_parts = 4 * at::get_num_threads();
@@ -131,11 +140,15 @@ void scatter_rows(const std::vector<int64_t>& entry_row, int64_t num_rows, int64
   at::parallel_for(0, num_parts, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(dim);
     for (int64_t row = part_begin[begin]; row < part_begin[end]; ++row) {
+      if (out_row != nullptr && !entries.touched(row)) continue;
       std::fill(acc.begin(), acc.end(), acc_t(0));
       acc_t bias_acc = 0;
-      for (int64_t p = start[row]; p < start[row + 1]; ++p) bias_acc += add_entry(order[p], acc.data());
-      store_row(acc.data(), grad_weight + row * dim, dim);
-      if (grad_bias != nullptr) grad_bias[row] = static_cast<scalar_t>(bias_acc);
+      for (int64_t p = start[row]; p < start[row + 1]; ++p) {
+        bias_acc += add_entry(entries.order[p], acc.data());
+      }
+      const int64_t out = out_row != nullptr ? out_row[row] : row;
+      store_row(acc.data(), grad_weight + out * dim, dim);
+      if (grad_bias != nullptr) grad_bias[out] = static_cast<scalar_t>(bias_acc);
     }
   });
 }
@@ -224,10 +237,18 @@ std::tuple<at::Tensor, at::Tensor> sampled_loss_forward_cpu(
   return {loss, coef};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> sampled_loss_backward_cpu(
-    const at::Tensor& grad_loss, const at::Tensor& coef, const at::Tensor& hidden,
-    const at::Tensor& weight, bool has_bias, const at::Tensor& target,
-    const at::Tensor& negatives, int64_t ignore_index) {
+namespace {
+
+// Both backward ops: dense writes [V, D] / [V]; compact writes only the touched rows, listed in
+// ascending order in `rows`.
+struct Gradients {
+  at::Tensor hidden, rows, weight, bias;
+};
+
+Gradients backward_cpu(const at::Tensor& grad_loss, const at::Tensor& coef,
+                       const at::Tensor& hidden, const at::Tensor& weight, bool has_bias,
+                       const at::Tensor& target, const at::Tensor& negatives,
+                       int64_t ignore_index, bool compact) {
   check_inputs(hidden, weight, std::nullopt, target, negatives, ignore_index);
   const int64_t n_examples = hidden.size(0), dim = hidden.size(1), k = negatives.size(-1);
   const int64_t num_rows = weight.size(0);
@@ -244,10 +265,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sampled_loss_backward_cpu(
   const auto scaled = (coef.to(acc_dtype) * grad_loss.to(acc_dtype).unsqueeze(1)).contiguous();
   const bool shared = neg.dim() == 1;
   auto grad_hidden = at::empty_like(h);
-  // scatter_rows writes every row, zeros included.
-  auto grad_weight = at::empty_like(w);
-  advise_huge_pages(grad_weight);
-  auto grad_bias = at::empty({has_bias ? num_rows : 0}, w.options());
+  at::Tensor rows, grad_weight, grad_bias;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(),
                                   "sampled_loss_backward_cpu", [&] {
@@ -258,8 +276,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sampled_loss_backward_cpu(
     const int64_t* np = neg.const_data_ptr<int64_t>();
     const acc_t* cp = scaled.const_data_ptr<acc_t>();
     scalar_t* ghp = grad_hidden.mutable_data_ptr<scalar_t>();
-    scalar_t* gwp = grad_weight.mutable_data_ptr<scalar_t>();
-    scalar_t* gbp = has_bias ? grad_bias.mutable_data_ptr<scalar_t>() : nullptr;
 
     // Shared negatives: dL/dH = C_neg W_n and dL/dW_n = C_neg^T H are two GEMMs.
     at::Tensor hidden_from_negs, grad_wn, grad_bn;
@@ -291,15 +307,51 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sampled_loss_backward_cpu(
     const auto ignored = [&](int64_t i, int64_t j) {
       return tp[i] == ignore_index || cp[i * (1 + k) + j] == 0;
     };
+    std::vector<int64_t> entry_row;
     if (shared) {
       // Entries 0..N-1 are the targets, N..N+k-1 the shared negatives' GEMM rows.
-      std::vector<int64_t> entry_row(n_examples + k);
+      entry_row.resize(n_examples + k);
       for (int64_t i = 0; i < n_examples; ++i) entry_row[i] = ignored(i, 0) ? -1 : tp[i];
       for (int64_t j = 0; j < k; ++j) entry_row[n_examples + j] = np[j];
+    } else {
+      // Entry e = i * (1 + k) + j: column j of example i.
+      entry_row.resize(n_examples * (1 + k));
+      for (int64_t i = 0; i < n_examples; ++i) {
+        for (int64_t j = 0; j <= k; ++j) {
+          const int64_t e = i * (1 + k) + j;
+          entry_row[e] = ignored(i, j) ? -1 : (j == 0 ? tp[i] : np[i * k + j - 1]);
+        }
+      }
+    }
+    const EntriesByRow entries(entry_row, num_rows);
+
+    std::vector<int64_t> out_row;
+    if (compact) {
+      out_row.assign(num_rows, -1);
+      int64_t num_touched = 0;
+      for (int64_t r = 0; r < num_rows; ++r) {
+        if (entries.touched(r)) out_row[r] = num_touched++;
+      }
+      rows = at::empty({num_touched}, tgt.options());
+      int64_t* rp = rows.mutable_data_ptr<int64_t>();
+      for (int64_t r = 0; r < num_rows; ++r) {
+        if (out_row[r] >= 0) rp[out_row[r]] = r;
+      }
+      grad_weight = at::empty({num_touched, dim}, w.options());
+      grad_bias = at::empty({has_bias ? num_touched : 0}, w.options());
+    } else {
+      rows = at::empty({0}, tgt.options());
+      grad_weight = at::empty_like(w);
+      advise_huge_pages(grad_weight);
+      grad_bias = at::empty({has_bias ? num_rows : 0}, w.options());
+    }
+    scalar_t* gwp = grad_weight.mutable_data_ptr<scalar_t>();
+    scalar_t* gbp = has_bias ? grad_bias.mutable_data_ptr<scalar_t>() : nullptr;
+    const int64_t* orp = compact ? out_row.data() : nullptr;
+    if (shared) {
       const acc_t* gwn = grad_wn.const_data_ptr<acc_t>();
       const acc_t* gbn = grad_bn.const_data_ptr<acc_t>();
-      scatter_rows<scalar_t, acc_t>(entry_row, num_rows, dim, gwp, gbp,
-                                    [&](int64_t e, acc_t* acc) {
+      sum_rows<scalar_t, acc_t>(entries, orp, dim, gwp, gbp, [&](int64_t e, acc_t* acc) {
         if (e < n_examples) {
           const acc_t c = cp[e * (1 + k)];
           axpy(c, hp + e * dim, acc, dim);
@@ -309,28 +361,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sampled_loss_backward_cpu(
         return gbn[e - n_examples];
       });
     } else {
-      // Entry e = i * (1 + k) + j: column j of example i.
-      std::vector<int64_t> entry_row(n_examples * (1 + k));
-      for (int64_t i = 0; i < n_examples; ++i) {
-        for (int64_t j = 0; j <= k; ++j) {
-          const int64_t e = i * (1 + k) + j;
-          entry_row[e] = ignored(i, j) ? -1 : (j == 0 ? tp[i] : np[i * k + j - 1]);
-        }
-      }
-      scatter_rows<scalar_t, acc_t>(entry_row, num_rows, dim, gwp, gbp,
-                                    [&](int64_t e, acc_t* acc) {
+      sum_rows<scalar_t, acc_t>(entries, orp, dim, gwp, gbp, [&](int64_t e, acc_t* acc) {
         const acc_t c = cp[e];
         axpy(c, hp + (e / (1 + k)) * dim, acc, dim);
         return c;
       });
     }
   });
-  return {grad_hidden, grad_weight, grad_bias};
+  return {grad_hidden, rows, grad_weight, grad_bias};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sampled_loss_backward_cpu(
+    const at::Tensor& grad_loss, const at::Tensor& coef, const at::Tensor& hidden,
+    const at::Tensor& weight, bool has_bias, const at::Tensor& target,
+    const at::Tensor& negatives, int64_t ignore_index) {
+  auto g = backward_cpu(grad_loss, coef, hidden, weight, has_bias, target, negatives,
+                        ignore_index, /*compact=*/false);
+  return {g.hidden, g.weight, g.bias};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sampled_loss_backward_rows_cpu(
+    const at::Tensor& grad_loss, const at::Tensor& coef, const at::Tensor& hidden,
+    const at::Tensor& weight, bool has_bias, const at::Tensor& target,
+    const at::Tensor& negatives, int64_t ignore_index) {
+  auto g = backward_cpu(grad_loss, coef, hidden, weight, has_bias, target, negatives,
+                        ignore_index, /*compact=*/true);
+  return {g.hidden, g.rows, g.weight, g.bias};
 }
 
 TORCH_LIBRARY_IMPL(fused_nce, CPU, m) {
   m.impl("sampled_loss_forward", &sampled_loss_forward_cpu);
   m.impl("sampled_loss_backward", &sampled_loss_backward_cpu);
+  m.impl("sampled_loss_backward_rows", &sampled_loss_backward_rows_cpu);
   m.impl("alias_build", &alias_build_cpu);
   m.impl("alias_sample", &alias_sample_cpu);
 }

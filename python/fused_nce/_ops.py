@@ -35,6 +35,15 @@ def _(grad_loss, coef, hidden, weight, has_bias, target, negatives, ignore_index
     return torch.empty_like(hidden), torch.empty_like(weight), grad_bias
 
 
+@torch.library.register_fake("fused_nce::sampled_loss_backward_rows")
+def _(grad_loss, coef, hidden, weight, has_bias, target, negatives, ignore_index):
+    # How many distinct rows were touched is known only once the indices are read.
+    num_rows = torch.library.get_ctx().new_dynamic_size()
+    rows = target.new_empty((num_rows,))
+    grad_bias = weight.new_empty((num_rows,) if has_bias else (0,))
+    return torch.empty_like(hidden), rows, weight.new_empty((num_rows, weight.shape[1])), grad_bias
+
+
 @torch.library.register_fake("fused_nce::alias_build")
 def _(weights):
     return weights.new_empty(weights.shape, dtype=torch.int64)
