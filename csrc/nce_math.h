@@ -183,8 +183,11 @@ FUSED_NCE_HD int64_t search_sorted(const double* a, int64_t n, double x, bool up
   return lo;
 }
 
-FUSED_NCE_HD int64_t light_alias_entry(double p, double sigma_l, const int64_t* heavy,
-                                       const double* sigma_h, int64_t num_heavy) {
+FUSED_NCE_HD int64_t light_alias_entry(int64_t self, double p, double sigma_l,
+                                       const int64_t* heavy, const double* sigma_h,
+                                       int64_t num_heavy) {
+  // Rounding can leave every p just below 1 (e.g. V equal weights): then each bucket is full.
+  if (num_heavy == 0) return pack_alias_entry(1.0, self);
   const int64_t j = search_sorted(sigma_h, num_heavy, sigma_l, /*upper=*/true) - 1;
   return pack_alias_entry(p, heavy[j > 0 ? j : 0]);
 }

@@ -52,7 +52,8 @@ def table_probs(table):
     return probs / num_classes
 
 
-@pytest.mark.parametrize("kind", ["zipf", "uniform", "one_heavy", "zeros", "exact_ones", "random"])
+@pytest.mark.parametrize("kind", ["zipf", "uniform", "one_heavy", "zeros", "exact_ones", "random",
+                                  "all_light"])
 def test_table_encodes_the_weights_exactly(device, kind):
     """Every class keeps its exact mass in the table, whatever the mix of light and heavy classes."""
     num_classes = 100_003
@@ -65,7 +66,11 @@ def test_table_encodes_the_weights_exactly(device, kind):
         * (torch.rand(num_classes, generator=gen) < 0.1),
         "exact_ones": torch.tensor([2.0, 1.0, 0.0, 1.0] * 25000 + [1.0, 1.0, 1.0]).double(),
         "random": torch.rand(num_classes, generator=gen, dtype=torch.float64) ** 8,
+        # Equal weights whose scaled values all round to just below 1: no heavy class at all.
+        "all_light": torch.full((num_classes,), 0.1, dtype=torch.float64),
     }[kind]
+    if kind == "all_light":
+        assert bool((weights * num_classes / weights.sum() < 1).all())
     table = fused_nce.AliasSampler(weights, device=device).table
     assert table.dtype == torch.int64 and table.shape == (num_classes,)
     alias = table.cpu() >> 32

@@ -41,8 +41,8 @@ at::Tensor alias_build_cpu(const at::Tensor& weights) {
   int64_t* tp = table.mutable_data_ptr<int64_t>();
   at::parallel_for(0, num_light, 4096, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      tp[light[i]] = light_alias_entry(scaled[light[i]], sigma_l[i], heavy.data(), sigma_h.data(),
-                                       num_heavy);
+      tp[light[i]] = light_alias_entry(light[i], scaled[light[i]], sigma_l[i], heavy.data(),
+                                       sigma_h.data(), num_heavy);
     }
   });
   at::parallel_for(0, num_heavy, 4096, [&](int64_t begin, int64_t end) {
