@@ -38,4 +38,22 @@ at::Tensor alias_build_cpu(const at::Tensor& weights);
 at::Tensor alias_sample_cpu(const at::Tensor& table, at::IntArrayRef size,
                             std::optional<at::Generator> generator);
 
+// The same ops on CUDA (csrc/cuda/), same semantics; index errors are device-side asserts.
+std::tuple<at::Tensor, at::Tensor> sampled_loss_forward_cuda(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& target, const at::Tensor& negatives,
+    const std::optional<at::Tensor>& noise_probs, const at::Tensor& log_z, int64_t objective,
+    bool remove_accidental_hits, int64_t ignore_index);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sampled_loss_backward_cuda(
+    const at::Tensor& grad_loss, const at::Tensor& coef, const at::Tensor& hidden,
+    const at::Tensor& weight, bool has_bias, const at::Tensor& target,
+    const at::Tensor& negatives, int64_t ignore_index);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sampled_loss_backward_rows_cuda(
+    const at::Tensor& grad_loss, const at::Tensor& coef, const at::Tensor& hidden,
+    const at::Tensor& weight, bool has_bias, const at::Tensor& target,
+    const at::Tensor& negatives, int64_t ignore_index);
+at::Tensor alias_build_cuda(const at::Tensor& weights);
+at::Tensor alias_sample_cuda(const at::Tensor& table, at::IntArrayRef size,
+                             std::optional<at::Generator> generator);
+
 }  // namespace fused_nce

@@ -11,6 +11,7 @@
 #endif
 #include <vector>
 
+#include "../checks.h"
 #include "../fused_nce.h"
 #include "../nce_math.h"
 
@@ -61,26 +62,11 @@ void check_indices(const at::Tensor& indices, int64_t num_classes, const char* n
   }
 }
 
-// Shapes, dtypes and index ranges, checked before any kernel reads memory through an index.
+// Shapes and dtypes (checks.h), then index ranges, before any kernel reads memory through an index.
 void check_inputs(const at::Tensor& hidden, const at::Tensor& weight,
                   const std::optional<at::Tensor>& bias, const at::Tensor& target,
                   const at::Tensor& negatives, int64_t ignore_index) {
-  TORCH_CHECK_VALUE(hidden.dim() == 2, "hidden must be [N, D], got ", hidden.sizes());
-  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == hidden.size(1),
-                    "weight must be [V, D] with D = ", hidden.size(1), ", got ", weight.sizes());
-  TORCH_CHECK_TYPE(weight.scalar_type() == hidden.scalar_type(),
-                   "weight and hidden must share a dtype");
-  if (bias.has_value()) {
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0), "bias must be [V]");
-    TORCH_CHECK_TYPE(bias->scalar_type() == weight.scalar_type(),
-                     "bias and weight must share a dtype");
-  }
-  TORCH_CHECK_TYPE(target.scalar_type() == at::kLong, "target must be int64");
-  TORCH_CHECK_TYPE(negatives.scalar_type() == at::kLong, "negatives must be int64");
-  TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == hidden.size(0), "target must be [N]");
-  TORCH_CHECK_VALUE(negatives.dim() == 1 ||
-                        (negatives.dim() == 2 && negatives.size(0) == hidden.size(0)),
-                    "negatives must be [N, k] or [k], got ", negatives.sizes());
+  check_shapes(hidden, weight, bias, target, negatives);
   check_indices(target, weight.size(0), "target", true, ignore_index);
   check_indices(negatives, weight.size(0), "negatives", false, 0);
 }
@@ -161,13 +147,8 @@ std::tuple<at::Tensor, at::Tensor> sampled_loss_forward_cpu(
     const std::optional<at::Tensor>& noise_probs, const at::Tensor& log_z, int64_t objective,
     bool remove_accidental_hits, int64_t ignore_index) {
   check_inputs(hidden, weight, bias, target, negatives, ignore_index);
-  TORCH_CHECK_VALUE(objective >= kNce && objective <= kSampledSoftmax, "unknown objective ",
-                    objective);
+  check_loss_args(weight, noise_probs, log_z, objective);
   const bool uses_noise = objective != kNegativeSampling;
-  TORCH_CHECK_VALUE(!uses_noise || (noise_probs.has_value() && noise_probs->dim() == 1 &&
-                                    noise_probs->size(0) == weight.size(0)),
-                    "noise_probs must be [V] for this objective");
-  TORCH_CHECK_VALUE(log_z.numel() == 1, "log_z must be a scalar");
 
   const auto h = hidden.contiguous();
   const auto w = weight.contiguous();

@@ -1,0 +1,46 @@
+// Shape and dtype checks of the loss ops, shared by every backend (index ranges are checked by
+// each backend: on the host for the CPU, in the kernels for CUDA, without a sync).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <optional>
+
+#include "nce_math.h"
+
+namespace fused_nce {
+
+inline void check_shapes(const at::Tensor& hidden, const at::Tensor& weight,
+                         const std::optional<at::Tensor>& bias, const at::Tensor& target,
+                         const at::Tensor& negatives) {
+  TORCH_CHECK_VALUE(hidden.dim() == 2, "hidden must be [N, D], got ", hidden.sizes());
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == hidden.size(1),
+                    "weight must be [V, D] with D = ", hidden.size(1), ", got ", weight.sizes());
+  TORCH_CHECK_TYPE(weight.scalar_type() == hidden.scalar_type(),
+                   "weight and hidden must share a dtype");
+  if (bias.has_value()) {
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0), "bias must be [V]");
+    TORCH_CHECK_TYPE(bias->scalar_type() == weight.scalar_type(),
+                     "bias and weight must share a dtype");
+  }
+  TORCH_CHECK_TYPE(target.scalar_type() == at::kLong, "target must be int64");
+  TORCH_CHECK_TYPE(negatives.scalar_type() == at::kLong, "negatives must be int64");
+  TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == hidden.size(0), "target must be [N]");
+  TORCH_CHECK_VALUE(negatives.dim() == 1 ||
+                        (negatives.dim() == 2 && negatives.size(0) == hidden.size(0)),
+                    "negatives must be [N, k] or [k], got ", negatives.sizes());
+}
+
+inline void check_loss_args(const at::Tensor& weight, const std::optional<at::Tensor>& noise_probs,
+                            const at::Tensor& log_z, int64_t objective) {
+  TORCH_CHECK_VALUE(objective >= kNce && objective <= kSampledSoftmax, "unknown objective ",
+                    objective);
+  TORCH_CHECK_VALUE(objective == kNegativeSampling ||
+                        (noise_probs.has_value() && noise_probs->dim() == 1 &&
+                         noise_probs->size(0) == weight.size(0)),
+                    "noise_probs must be [V] for this objective");
+  TORCH_CHECK_VALUE(log_z.numel() == 1, "log_z must be a scalar");
+}
+
+}  // namespace fused_nce
