@@ -140,12 +140,16 @@ def test_backward_is_bitwise_reproducible(device, shared):
     p = make_problem(n=300, dim=64, num_classes=40, k=16, device=device, shared=shared)
     runs = []
     threads = torch.get_num_threads()
+    # CPU: always (whatever the thread count). CUDA: in deterministic mode (atomics otherwise).
+    deterministic = torch.are_deterministic_algorithms_enabled()
     try:
+        torch.use_deterministic_algorithms(p.hidden.is_cuda)
         for num_threads in [1, threads, 1]:
             torch.set_num_threads(num_threads)
             runs.append(loss_and_grads(run_fused, "nce", p)[1])
     finally:
         torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
     for grads in runs[1:]:
         for g, g0 in zip(grads, runs[0]):
             assert torch.equal(g, g0)
