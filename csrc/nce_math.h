@@ -133,9 +133,10 @@ FUSED_NCE_HD uint32_t mulhilo32(uint32_t a, uint32_t b, uint32_t* hi) {
   return static_cast<uint32_t>(product);
 }
 
-FUSED_NCE_HD Philox128 philox4x32_10(uint64_t counter, uint64_t offset, uint64_t seed) {
+// The 128-bit counter is (counter, subsequence), as in curand_init(seed, subsequence, offset).
+FUSED_NCE_HD Philox128 philox4x32_10(uint64_t counter, uint64_t subsequence, uint64_t seed) {
   uint32_t c0 = static_cast<uint32_t>(counter), c1 = static_cast<uint32_t>(counter >> 32);
-  uint32_t c2 = static_cast<uint32_t>(offset), c3 = static_cast<uint32_t>(offset >> 32);
+  uint32_t c2 = static_cast<uint32_t>(subsequence), c3 = static_cast<uint32_t>(subsequence >> 32);
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   for (int round = 0; round < 10; ++round) {
     uint32_t hi0, hi1;

@@ -53,7 +53,7 @@ __global__ void alias_sample_kernel(const int64_t* __restrict__ table, int64_t n
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < count;
        i += stride) {
-    out[i] = alias_draw(table, num_classes, philox4x32_10(i, offset, seed));
+    out[i] = alias_draw(table, num_classes, philox4x32_10(offset / 4, i, seed));
   }
 }
 
@@ -119,7 +119,9 @@ at::Tensor alias_sample_cuda(const at::Tensor& table, at::IntArrayRef size,
       generator, at::cuda::detail::getDefaultCUDAGenerator(table.device().index()));
   at::PhiloxCudaState philox;
   {
-    // Each call takes a fresh offset; draw i of the call is Philox(counter i, offset, seed).
+    // Each call reserves 4 offsets; draw i is Philox(counter offset / 4, subsequence i, seed),
+    // the layout of curand_init(seed, i, offset) in ATen's kernels, so no other op that draws
+    // from this generator reuses these bits.
     std::lock_guard<std::mutex> lock(gen->mutex_);
     philox = gen->philox_cuda_state(4);
   }

@@ -189,15 +189,19 @@ __global__ void __launch_bounds__(kWarpsPerBlock* kWarpSize)
   if (lane == 0) loss[i] = example_loss;
 }
 
-// x @ y accumulated in float32 (float64 for float64); x is cast to y's dtype first, as autograd
-// does for a low-precision matmul.
+// x @ y accumulated in float32 (float64 for float64). For float16 / bfloat16 y, x (float32
+// coefficients) must be cast to y's dtype for the tensor cores: each row of x is first divided by
+// its largest magnitude, so small coefficients keep their relative precision instead of flushing
+// to zero, and the product's rows are scaled back.
 at::Tensor matmul_acc(const at::Tensor& x, const at::Tensor& y) {
   const auto dtype = y.scalar_type();
   if (dtype == at::kFloat || dtype == at::kDouble) return at::mm(x.to(dtype), y);
 #if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
-  return at::mm(x.to(dtype), y, at::kFloat);
+  if (x.scalar_type() == dtype) return at::mm(x, y, at::kFloat);
+  const auto scale = x.abs().amax(1, /*keepdim=*/true).clamp_min(std::numeric_limits<float>::min());
+  return at::mm(x.div(scale).to(dtype), y, at::kFloat).mul_(scale);
 #else
-  return at::mm(x.to(dtype), y).to(at::kFloat);
+  return at::mm(x.to(at::kFloat), y.to(at::kFloat));
 #endif
 }
 
@@ -426,21 +430,23 @@ Gradients backward_cuda(const at::Tensor& grad_loss, const at::Tensor& coef,
   // Per-entry coefficients grad_loss[i] * dloss_i/ds_ij, [N, 1 + k].
   const auto scaled = (coef.to(acc_dtype) * grad_loss.to(acc_dtype).unsqueeze(1)).contiguous();
   const int64_t num_entries = shared ? n + k : n * (1 + k);
-  TORCH_CHECK_VALUE(num_classes < std::numeric_limits<int32_t>::max() &&
-                        num_entries < std::numeric_limits<int32_t>::max(),
-                    "at most 2^31 - 2 classes and entries (N * (1 + k)) are supported on CUDA");
 
   Gradients g;
   g.hidden = at::empty_like(h);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const bool atomic = !compact && !shared && !at::globalContext().deterministicAlgorithms() &&
                       (h.scalar_type() == at::kFloat || h.scalar_type() == at::kDouble);
+  // The sorted path keys rows and entries with int32.
+  TORCH_CHECK_VALUE(atomic || (num_classes < std::numeric_limits<int32_t>::max() &&
+                               num_entries < std::numeric_limits<int32_t>::max()),
+                    "at most 2^31 - 2 classes and entries (N * (1 + k)) are supported on CUDA "
+                    "with float16 / bfloat16, shared negatives or deterministic algorithms");
   if (!compact) {
     g.rows = at::empty({0}, tgt.options());
     g.weight = at::zeros_like(w);
     g.bias = at::zeros({has_bias ? num_classes : 0}, w.options());
   }
-  if (n == 0 && !shared) {
+  if (num_entries == 0 || (n == 0 && !shared)) {
     if (compact) {
       g.rows = at::empty({0}, tgt.options());
       g.weight = at::empty({0, dim}, w.options());
