@@ -2,6 +2,7 @@
 // (read in place, never gathered into [N, k, D]), float32 accumulation (float64 for float64).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -146,6 +147,8 @@ std::tuple<at::Tensor, at::Tensor> sampled_loss_forward_cpu(
     const at::Tensor& target, const at::Tensor& negatives,
     const std::optional<at::Tensor>& noise_probs, const at::Tensor& log_z, int64_t objective,
     bool remove_accidental_hits, int64_t ignore_index) {
+  // The GEMMs below are part of the kernel: an enclosing autocast region must not recast them.
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   check_inputs(hidden, weight, bias, target, negatives, ignore_index);
   check_loss_args(weight, noise_probs, log_z, objective);
   const bool uses_noise = objective != kNegativeSampling;
@@ -230,6 +233,8 @@ Gradients backward_cpu(const at::Tensor& grad_loss, const at::Tensor& coef,
                        const at::Tensor& hidden, const at::Tensor& weight, bool has_bias,
                        const at::Tensor& target, const at::Tensor& negatives,
                        int64_t ignore_index, bool compact) {
+  // The GEMMs below are part of the kernel: an enclosing autocast region must not recast them.
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   check_inputs(hidden, weight, std::nullopt, target, negatives, ignore_index);
   const int64_t n_examples = hidden.size(0), dim = hidden.size(1), k = negatives.size(-1);
   const int64_t num_rows = weight.size(0);

@@ -9,6 +9,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <ATen/Dispatch.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 #include <torch/version.h>
 
@@ -217,6 +218,8 @@ std::tuple<at::Tensor, at::Tensor> sampled_loss_forward_cuda(
     const at::Tensor& target, const at::Tensor& negatives,
     const std::optional<at::Tensor>& noise_probs, const at::Tensor& log_z, int64_t objective,
     bool remove_accidental_hits, int64_t ignore_index) {
+  // The GEMMs below are part of the kernel: an enclosing autocast region must not recast them.
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   check_shapes(hidden, weight, bias, target, negatives);
   check_loss_args(weight, noise_probs, log_z, objective);
   for (const auto* t : {&weight, &target, &negatives}) check_device(hidden, *t, "an input");
@@ -411,6 +414,8 @@ Gradients backward_cuda(const at::Tensor& grad_loss, const at::Tensor& coef,
                         const at::Tensor& hidden, const at::Tensor& weight, bool has_bias,
                         const at::Tensor& target, const at::Tensor& negatives,
                         int64_t ignore_index, bool compact) {
+  // The GEMMs below are part of the kernel: an enclosing autocast region must not recast them.
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   check_shapes(hidden, weight, std::nullopt, target, negatives);
   for (const auto* t : {&weight, &target, &negatives, &grad_loss, &coef}) {
     check_device(hidden, *t, "an input");

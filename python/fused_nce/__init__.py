@@ -9,6 +9,7 @@ from .functional import (
 )
 from .modules import NCELoss
 from .sampler import AliasSampler, log_uniform_weights, unigram_weights
+from .utils import init_output_bias_, log_partition
 
 __version__ = "0.1.0"
 
@@ -16,6 +17,8 @@ __all__ = [
     "AliasSampler",
     "NCELoss",
     "full_softmax_loss",
+    "init_output_bias_",
+    "log_partition",
     "log_uniform_weights",
     "nce_loss",
     "negative_sampling_loss",

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._ops import OBJECTIVES, SampledLossFunction, accumulation_dtype
-from .sampler import AliasSampler
+from ._ops import OBJECTIVES, accumulation_dtype, cast, sampled_loss
+from .sampler import AliasSampler, can_read_values
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
@@ -28,6 +28,22 @@ def _check_indices(value: object, name: str) -> Tensor:
     if tensor.dtype not in INDEX_DTYPES:
         raise TypeError(f"{name} must be an integer tensor (int64), got {tensor.dtype}")
     return tensor.long()
+
+
+def _autocast(hidden: object, weight: object, bias: object,
+              sparse_grad: bool = False) -> Tuple[object, object, object]:
+    """Under ``torch.autocast``, cast as ``F.linear`` does: floating inputs but float64 go to the
+    autocast dtype (so a float32 weight meets bfloat16 activations)."""
+    if not isinstance(hidden, Tensor) or not torch.is_autocast_enabled(hidden.device.type):
+        return hidden, weight, bias
+    dtype = torch.get_autocast_dtype(hidden.device.type)
+
+    def autocast(value: object, sparse: bool) -> object:
+        if isinstance(value, Tensor) and value.is_floating_point() and value.dtype != torch.float64:
+            return cast(value, dtype, sparse)
+        return value
+
+    return autocast(hidden, False), autocast(weight, sparse_grad), autocast(bias, sparse_grad)
 
 
 def _check_model(hidden: object, weight: object, bias: object) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
@@ -70,7 +86,7 @@ def _check_target(target: object, hidden: Tensor) -> Tensor:
 def _check_reduction(reduction: object) -> str:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    return reduction  # type: ignore[return-value]
+    return reduction
 
 
 def _as_sampler(noise: object, num_classes: int, device: torch.device) -> AliasSampler:
@@ -128,8 +144,8 @@ def _sampled_loss(objective: str, hidden: Tensor, weight: Tensor, bias: Optional
                   target: Tensor, noise: Optional[Noise], num_negatives: Optional[int],
                   negatives: Optional[Tensor], shared_negatives: bool, log_z: Union[float, Tensor],
                   remove_accidental_hits: bool, ignore_index: int, reduction: str,
-                  generator: Optional[torch.Generator]) -> Tensor:
-    hidden, weight, bias = _check_model(hidden, weight, bias)
+                  generator: Optional[torch.Generator], sparse_grad: bool) -> Tensor:
+    hidden, weight, bias = _check_model(*_autocast(hidden, weight, bias, sparse_grad))
     target = _check_target(target, hidden)
     reduction = _check_reduction(reduction)
     num_classes, device = weight.shape[0], hidden.device
@@ -149,13 +165,14 @@ def _sampled_loss(objective: str, hidden: Tensor, weight: Tensor, bias: Optional
             raise ValueError(f"log_z must be a float or a 0-dim tensor, got shape {tuple(log_z.shape)}")
         log_z_t = log_z.to(device=device, dtype=acc)
     elif isinstance(log_z, (int, float)) and not isinstance(log_z, bool):
-        log_z_t = torch.tensor(float(log_z), dtype=acc, device=device)
+        log_z_t = torch.full((), float(log_z), dtype=acc, device=device)  # a fill: no copy to capture
     else:
         raise TypeError(f"log_z must be a float or a 0-dim tensor, got {type(log_z).__name__}")
     noise_probs = sampler.probs if (uses_noise and sampler is not None) else None
-    loss, _ = SampledLossFunction.apply(
+    loss = sampled_loss(
         hidden.reshape(-1, hidden.shape[-1]), weight, bias, target.reshape(-1), negs, noise_probs,
-        log_z_t, OBJECTIVES[objective], bool(remove_accidental_hits), int(ignore_index))
+        log_z_t, OBJECTIVES[objective], bool(remove_accidental_hits), int(ignore_index),
+        bool(sparse_grad))
     if reduction == "none":
         return loss.reshape(batch_shape)
     if reduction == "sum":
@@ -169,7 +186,7 @@ def nce_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Ten
              negatives: Optional[Tensor] = None, shared_negatives: bool = False,
              log_z: Union[float, Tensor] = 0.0, remove_accidental_hits: bool = False,
              ignore_index: int = -100, reduction: str = "mean",
-             generator: Optional[torch.Generator] = None) -> Tensor:
+             generator: Optional[torch.Generator] = None, sparse_grad: bool = False) -> Tensor:
     """Noise contrastive estimation (Gutmann & Hyvarinen; Mnih & Teh).
 
     ``l_i = softplus(-d(t_i)) + sum_j softplus(d(n_ij))`` with ``d(w) = s_i(w) - log_z - log(k q(w))``
@@ -188,22 +205,28 @@ def nce_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Ten
         remove_accidental_hits: drop negatives equal to the example's target.
         ignore_index: target value whose examples contribute 0 and are not counted.
         reduction: ``"mean"`` (over non-ignored examples), ``"sum"`` or ``"none"`` (``[*]``).
-        generator: ``torch.Generator`` for the draws (default: torch's default generator).
+        generator: ``torch.Generator`` for the draws (default: torch's default generator, which
+            is also the one to use under ``torch.compile``: it cannot trace a generator object).
+        sparse_grad: make the gradients of ``weight`` and ``bias`` coalesced sparse COO tensors
+            holding only the touched rows (for ``SGD``, ``SparseAdam``, ``Adagrad``).
+
+    Under ``torch.autocast``, ``hidden``, ``weight`` and ``bias`` are cast to the autocast dtype
+    as ``F.linear`` casts them; the loss stays float32.
 
     Returns:
         float32 loss (float64 for float64 inputs).
     """
     return _sampled_loss("nce", hidden, weight, bias, target, noise, num_negatives, negatives,
                          shared_negatives, log_z, remove_accidental_hits, ignore_index,
-                         reduction, generator)
+                         reduction, generator, sparse_grad)
 
 
 def negative_sampling_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
                            noise: Optional[Noise] = None, *, num_negatives: Optional[int] = None,
                            negatives: Optional[Tensor] = None, shared_negatives: bool = False,
                            remove_accidental_hits: bool = False, ignore_index: int = -100,
-                           reduction: str = "mean",
-                           generator: Optional[torch.Generator] = None) -> Tensor:
+                           reduction: str = "mean", generator: Optional[torch.Generator] = None,
+                           sparse_grad: bool = False) -> Tensor:
     """Negative sampling (word2vec): ``softplus(-s_i(t_i)) + sum_j softplus(s_i(n_ij))``.
 
     Arguments as in :func:`nce_loss` (no ``log_z``); ``noise`` may be None when ``negatives``
@@ -211,15 +234,15 @@ def negative_sampling_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor
     """
     return _sampled_loss("negative_sampling", hidden, weight, bias, target, noise, num_negatives,
                          negatives, shared_negatives, 0.0, remove_accidental_hits, ignore_index,
-                         reduction, generator)
+                         reduction, generator, sparse_grad)
 
 
 def sampled_softmax_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
                          noise: Optional[Noise] = None, *, num_negatives: Optional[int] = None,
                          negatives: Optional[Tensor] = None, shared_negatives: bool = False,
                          remove_accidental_hits: bool = True, ignore_index: int = -100,
-                         reduction: str = "mean",
-                         generator: Optional[torch.Generator] = None) -> Tensor:
+                         reduction: str = "mean", generator: Optional[torch.Generator] = None,
+                         sparse_grad: bool = False) -> Tensor:
     """Sampled softmax with logQ correction (importance sampling).
 
     ``l_i = logsumexp(o(t_i), o(n_i1), ..., o(n_ik)) - o(t_i)`` with ``o(w) = s_i(w) - log q(w)``.
@@ -227,7 +250,7 @@ def sampled_softmax_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
     """
     return _sampled_loss("sampled_softmax", hidden, weight, bias, target, noise, num_negatives,
                          negatives, shared_negatives, 0.0, remove_accidental_hits, ignore_index,
-                         reduction, generator)
+                         reduction, generator, sparse_grad)
 
 
 def full_softmax_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, *,
@@ -236,9 +259,10 @@ def full_softmax_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ta
     """Exact cross-entropy over all V classes (for evaluation: perplexity = exp(mean loss)).
 
     Never holds more than ``chunk_size`` columns of logits at once (all V when None). The loss is
-    float32 (float64 for float64 inputs) and differentiable.
+    float32 (float64 for float64 inputs) and differentiable. Under ``torch.autocast`` the inputs
+    are cast as in :func:`nce_loss` and the logits accumulate in float32 all the same.
     """
-    hidden, weight, bias = _check_model(hidden, weight, bias)
+    hidden, weight, bias = _check_model(*_autocast(hidden, weight, bias))
     target = _check_target(target, hidden)
     reduction = _check_reduction(reduction)
     num_classes = weight.shape[0]
@@ -250,8 +274,20 @@ def full_softmax_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ta
     t = target.reshape(-1)
     keep = t != ignore_index
     safe_t = torch.where(keep, t, torch.zeros_like(t))
-    if bool(((safe_t < 0) | (safe_t >= num_classes)).any()):
+    if can_read_values(safe_t) and bool(((safe_t < 0) | (safe_t >= num_classes)).any()):
         raise ValueError(f"target holds class indices outside [0, {num_classes})")
+    with torch.autocast(hidden.device.type, enabled=False):  # keep the float32 logits float32
+        loss = _full_softmax(h, weight, bias, safe_t, keep, acc, chunk_size)
+    if reduction == "none":
+        return loss.reshape(target.shape)
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / keep.sum().clamp_min(1)
+
+
+def _full_softmax(h: Tensor, weight: Tensor, bias: Optional[Tensor], safe_t: Tensor, keep: Tensor,
+                  acc: torch.dtype, chunk_size: Optional[int]) -> Tensor:
+    num_classes = weight.shape[0]
     step = num_classes if chunk_size is None else chunk_size
     chunk_lse = []
     for start in range(0, num_classes, step):
@@ -268,12 +304,7 @@ def full_softmax_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ta
     target_logit = (h.to(acc) * weight[safe_t].to(acc)).sum(-1)
     if bias is not None:
         target_logit = target_logit + bias[safe_t].to(acc)
-    loss = torch.where(keep, lse - target_logit, torch.zeros_like(lse))
-    if reduction == "none":
-        return loss.reshape(target.shape)
-    if reduction == "sum":
-        return loss.sum()
-    return loss.sum() / keep.sum().clamp_min(1)
+    return torch.where(keep, lse - target_logit, torch.zeros_like(lse))
 
 
 def _chunk_logsumexp(h: Tensor, w: Tensor, b: Optional[Tensor], acc: torch.dtype) -> Tensor:

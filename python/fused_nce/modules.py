@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Dict, Optional
 
 import torch
 from torch import Tensor, nn
@@ -27,7 +27,7 @@ class NCELoss(nn.Module):
         shared_negatives: draw one ``[k]`` set of negatives per call for the whole batch.
         learn_log_z: learn the NCE normalizer ``log_z`` (initialized to 0).
         remove_accidental_hits: default True for sampled softmax, False otherwise.
-        ignore_index, reduction: as in :func:`fused_nce.nce_loss`.
+        ignore_index, reduction, sparse_grad: as in :func:`fused_nce.nce_loss`.
     """
 
     noise_probs: Tensor
@@ -36,7 +36,7 @@ class NCELoss(nn.Module):
     def __init__(self, num_classes: int, noise_weights: Tensor, num_negatives: int, *,
                  objective: str = "nce", shared_negatives: bool = False, learn_log_z: bool = False,
                  remove_accidental_hits: Optional[bool] = None, ignore_index: int = -100,
-                 reduction: str = "mean") -> None:
+                 reduction: str = "mean", sparse_grad: bool = False) -> None:
         super().__init__()
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {tuple(OBJECTIVES)}, got {objective!r}")
@@ -60,6 +60,7 @@ class NCELoss(nn.Module):
         self.remove_accidental_hits = remove_accidental_hits
         self.ignore_index = ignore_index
         self.reduction = reduction
+        self.sparse_grad = sparse_grad
         self.log_z = nn.Parameter(torch.zeros(())) if learn_log_z else None
 
     @property
@@ -69,17 +70,19 @@ class NCELoss(nn.Module):
 
     def forward(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
                 *, generator: Optional[torch.Generator] = None) -> Tensor:
-        common = dict(num_negatives=self.num_negatives, shared_negatives=self.shared_negatives,
-                      remove_accidental_hits=self.remove_accidental_hits,
-                      ignore_index=self.ignore_index, reduction=self.reduction,
-                      generator=generator)
+        common: Dict[str, Any] = dict(
+            num_negatives=self.num_negatives, shared_negatives=self.shared_negatives,
+            remove_accidental_hits=self.remove_accidental_hits, ignore_index=self.ignore_index,
+            reduction=self.reduction, generator=generator, sparse_grad=self.sparse_grad)
         if self.objective == "nce":
             log_z = self.log_z if self.log_z is not None else 0.0
             return functional.nce_loss(hidden, weight, bias, target, self.sampler, log_z=log_z,
                                        **common)
         loss_fn = getattr(functional, f"{self.objective}_loss")
-        return loss_fn(hidden, weight, bias, target, self.sampler, **common)
+        loss: Tensor = loss_fn(hidden, weight, bias, target, self.sampler, **common)
+        return loss
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, num_negatives={self.num_negatives}, "
-                f"objective={self.objective!r}, shared_negatives={self.shared_negatives}")
+                f"objective={self.objective!r}, shared_negatives={self.shared_negatives}"
+                + (", sparse_grad=True" if self.sparse_grad else ""))

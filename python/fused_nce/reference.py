@@ -7,7 +7,7 @@ float32 for half / bfloat16 / float32 inputs, float64 for float64.
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +18,8 @@ TINY_PROB = 1.401298464324817e-45
 
 
 def _scores(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
-            negatives: Tensor):
+            negatives: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Target scores [N], negative scores [N, k], flat targets [N] and negatives [N, k]."""
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     h = hidden.reshape(-1, hidden.shape[-1]).to(acc)
     t = target.reshape(-1)
@@ -52,7 +53,8 @@ def _reduce(loss: Tensor, target: Tensor, ignore_index: int, reduction: str) -> 
     return loss.sum() / keep.sum().clamp_min(1)
 
 
-def _binary_loss(pos: Tensor, neg: Tensor, t: Tensor, n: Tensor, remove_accidental_hits: bool):
+def _binary_loss(pos: Tensor, neg: Tensor, t: Tensor, n: Tensor,
+                 remove_accidental_hits: bool) -> Tensor:
     neg_terms = F.softplus(neg)
     if remove_accidental_hits:
         neg_terms = neg_terms.masked_fill(n == t.unsqueeze(1), 0.0)

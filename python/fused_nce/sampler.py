@@ -12,6 +12,17 @@ from ._ops import ops
 Size = Union[int, Sequence[int], torch.Size]
 
 
+def can_read_values(tensor: Tensor) -> bool:
+    """Whether a check may look at ``tensor``'s values now.
+
+    Not while ``torch.compile`` traces (it would break the graph) nor while a CUDA graph is being
+    captured (it would synchronize); the kernels check indices and weights themselves then.
+    """
+    if torch.compiler.is_compiling():
+        return False
+    return not (tensor.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
 def check_noise_weights(weights: object, name: str = "weights") -> Tensor:
     """Validate noise weights: a non-empty 1-D real tensor, finite, non-negative, not all zero."""
     if not isinstance(weights, Tensor):
@@ -21,6 +32,8 @@ def check_noise_weights(weights: object, name: str = "weights") -> Tensor:
     if weights.dim() != 1 or weights.numel() == 0:
         raise ValueError(f"{name} must be a non-empty 1-D tensor [V], got shape {tuple(weights.shape)}")
     w = weights.detach().to(torch.float64)
+    if not can_read_values(w):
+        return w
     if not bool(torch.isfinite(w).all()):
         raise ValueError(f"{name} must be finite (no NaN or inf)")
     if bool((w < 0).any()):
@@ -45,8 +58,11 @@ class AliasSampler:
 
     probs: Tensor
     """float32 ``[V]``: the normalized noise distribution q."""
+    table: Tensor
+    """int64 ``[V]``: the alias table (packed threshold and alias of each bucket)."""
 
-    def __init__(self, weights: Tensor, *, device: Optional[Union[str, torch.device]] = None):
+    def __init__(self, weights: Tensor, *,
+                 device: Optional[Union[str, torch.device]] = None) -> None:
         w = check_noise_weights(weights)
         device = torch.device(device) if device is not None else weights.device
         table = ops.alias_build(w.cpu())
@@ -81,7 +97,8 @@ class AliasSampler:
         if generator is not None and generator.device != self.device:
             raise ValueError(
                 f"generator is on {generator.device} but the sampler is on {self.device}")
-        return ops.alias_sample(self.table, shape, generator)
+        draws: Tensor = ops.alias_sample(self.table, shape, generator)
+        return draws
 
     def __repr__(self) -> str:
         return f"AliasSampler(num_classes={self.num_classes}, device={self.device})"

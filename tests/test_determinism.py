@@ -1,0 +1,69 @@
+"""torch.use_deterministic_algorithms(True): the backward is bitwise reproducible."""
+
+import pytest
+import torch
+
+import fused_nce
+from conftest import OBJECTIVES
+from helpers import TOLERANCE, loss_and_grads, make_problem, run_fused, run_reference
+
+
+@pytest.fixture
+def deterministic():
+    was_enabled = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(was_enabled)
+
+
+def gradients(objective, p, sparse_grad):
+    leaves = p.leaves()
+    log_z = torch.tensor(0.25, device=p.hidden.device, requires_grad=True)
+    extra = dict(log_z=log_z) if objective == "nce" else {}
+    fn = getattr(fused_nce, f"{objective}_loss")
+    loss = fn(*leaves, p.target, p.sampler, negatives=p.negatives, sparse_grad=sparse_grad,
+              reduction="sum", **extra)
+    params = leaves + ([log_z] if objective == "nce" else [])
+    grads = torch.autograd.grad(loss, params)
+    return [g.to_dense() if g.is_sparse else g for g in grads]
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+@pytest.mark.parametrize("shared", [False, True], ids=["per_example", "shared"])
+@pytest.mark.parametrize("sparse_grad", [False, True], ids=["dense", "sparse"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_backward_is_bitwise_reproducible(deterministic, device, objective, shared, sparse_grad,
+                                          dtype):
+    """Many examples hitting a handful of rows (every row summed from hundreds of entries), run
+    repeatedly and with different thread counts: the same bits every time."""
+    p = make_problem(n=600, dim=40, num_classes=7, k=24, dtype=dtype, device=device,
+                     shared=shared)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for num_threads in [threads, 1, threads, threads]:
+            torch.set_num_threads(num_threads)
+            runs.append(gradients(objective, p, sparse_grad))
+    finally:
+        torch.set_num_threads(threads)
+    for grads in runs[1:]:
+        for g, g0 in zip(grads, runs[0]):
+            assert torch.equal(g, g0)
+
+
+def test_deterministic_gradients_are_still_right(deterministic, device):
+    """Deterministic mode changes no result: the gradients match the reference."""
+    p = make_problem(n=300, num_classes=9, k=16, device=device)
+    _, grads = loss_and_grads(run_fused, "sampled_softmax", p)
+    _, expected = loss_and_grads(run_reference, "sampled_softmax", p)
+    tol = TOLERANCE[torch.float32][1]
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, e, rtol=tol, atol=tol)
+
+
+def test_sampling_is_reproducible_in_deterministic_mode(deterministic, device):
+    sampler = fused_nce.AliasSampler(torch.rand(1000) + 0.01, device=device)
+    torch.manual_seed(0)
+    first = sampler.sample((64, 32))
+    torch.manual_seed(0)
+    assert torch.equal(sampler.sample((64, 32)), first)
