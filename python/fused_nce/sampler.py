@@ -65,9 +65,10 @@ class AliasSampler:
                  device: Optional[Union[str, torch.device]] = None) -> None:
         w = check_noise_weights(weights)
         device = torch.device(device) if device is not None else weights.device
-        table = ops.alias_build(w.cpu())
-        probs = (w / w.sum()).to(torch.float32)
-        self._set(probs.to(device), table.to(device))
+        # Built where it will be used: on a GPU the construction is parallel too.
+        w = w.to(device)
+        table: Tensor = ops.alias_build(w)
+        self._set((w / w.sum()).to(torch.float32), table)
 
     @classmethod
     def from_tables(cls, probs: Tensor, table: Tensor) -> "AliasSampler":
