@@ -14,8 +14,10 @@ py="$venv/bin/python"
 if ! "$py" -c "import torch" 2>/dev/null; then
   "$py" -m pip install -q "torch==2.13.0"
 fi
-if ! "$py" -c "import pybind11, scikit_build_core, ninja, pytest, numpy, mypy" 2>/dev/null; then
-  "$py" -m pip install -q pybind11 "scikit-build-core>=0.10" ninja pytest numpy mypy
+if ! "$py" -c "import pybind11, scikit_build_core, ninja, pytest, numpy, mypy, matplotlib, tqdm" \
+    2>/dev/null; then
+  # matplotlib and tqdm: the examples' plots and progress bars.
+  "$py" -m pip install -q pybind11 "scikit-build-core>=0.10" ninja pytest numpy mypy matplotlib tqdm
 fi
 # --no-build-isolation: build against the torch above, never a freshly downloaded one.
 "$py" -m pip install -q --no-build-isolation --no-deps .
