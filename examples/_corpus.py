@@ -23,6 +23,7 @@ import csv
 import itertools
 import math
 import re
+import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,7 +103,7 @@ class SyntheticLanguage:
         return float(cluster_part + word_part)
 
     def sample(self, num_streams: int, length: int, generator: torch.Generator) -> torch.Tensor:
-        """``[num_streams, length]`` word ids; every stream starts in the stationary distribution."""
+        """``[num_streams, length]`` word ids; each stream starts in the stationary distribution."""
         c = self.num_clusters
         start = torch.multinomial(self.stationary.flatten(), num_streams, replacement=True,
                                   generator=generator)
@@ -177,6 +178,38 @@ def load_corpus(text: Optional[str], vocab_size: int, train_tokens: int, valid_t
     if text:
         return text_corpus(text, vocab_size)
     return embedded_corpus(vocab_size, num_clusters, train_tokens, valid_tokens, seed=seed)
+
+
+class StepLog:
+    """Training-step bookkeeping shared by the examples: time spent in steps (evaluations
+    excluded), the median step time, and the mean loss since the last ``mean_loss()``."""
+
+    def __init__(self) -> None:
+        self.train_s = 0.0
+        self._step_s: List[float] = []
+        self._losses: List[float] = []
+
+    def add(self, loss: float, seconds: float) -> None:
+        self._losses.append(loss)
+        self._step_s.append(seconds)
+        self.train_s += seconds
+
+    @property
+    def pending(self) -> bool:
+        """Losses recorded since the last ``mean_loss()``."""
+        return bool(self._losses)
+
+    def mean_loss(self) -> float:
+        """Mean loss since the last call (nan when none), then starts over."""
+        mean = sum(self._losses) / len(self._losses) if self._losses else float("nan")
+        self._losses.clear()
+        return mean
+
+    def rate(self, items_per_step: int) -> float:
+        """Items per second from the median step: robust to other work on a shared machine."""
+        if not self._step_s:
+            return float("nan")
+        return items_per_step / statistics.median(self._step_s)
 
 
 def pick_device(name: str = "auto") -> torch.device:

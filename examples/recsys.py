@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 import time
 from dataclasses import dataclass
 from typing import List, Optional
@@ -39,8 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import fused_nce
-from _corpus import (example_parser, fill_defaults, pick_device, plot_against_time, print_table,
-                     progress, set_postfix, write_csv)
+from _corpus import (StepLog, example_parser, fill_defaults, pick_device, plot_against_time,
+                     print_table, progress, set_postfix, write_csv)
 
 MODELS = ("full_softmax", "sampled_softmax", "sampled_softmax_no_logq")
 
@@ -152,18 +151,14 @@ def train(name: str, data: Interactions, args: argparse.Namespace, device: torch
     def score_users(h: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
         return model.users(h, n) @ model.items.weight.T
 
-    rows, seconds, recent, step_seconds = [], 0.0, [], []
+    rows, log = [], StepLog()
 
     def record(step: int) -> None:
         model.eval()
-        # Speed from the median step: robust to other work on a shared machine.
-        median = statistics.median(step_seconds) if step_seconds else float("nan")
-        rows.append({"model": name, "step": step, "train_s": seconds,
-                     "examples_per_s": args.batch_size / median,
-                     "train_loss": sum(recent) / len(recent) if recent else float("nan"),
+        rows.append({"model": name, "step": step, "train_s": log.train_s,
+                     "examples_per_s": log.rate(args.batch_size), "train_loss": log.mean_loss(),
                      **evaluate(score_users, data, device, popular)})
         model.train()
-        recent.clear()
 
     record(0)
     bar = progress(range(1, args.steps + 1), desc=name, unit="step", leave=False)
@@ -185,9 +180,7 @@ def train(name: str, data: Interactions, args: argparse.Namespace, device: torch
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        recent.append(loss.item())
-        step_seconds.append(time.perf_counter() - start)
-        seconds += step_seconds[-1]
+        log.add(loss.item(), time.perf_counter() - start)
         if step % args.eval_every == 0 or step == args.steps:
             record(step)
             set_postfix(bar, recall10=f"{rows[-1]['recall@10']:.3f}")

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 import time
 from dataclasses import dataclass
 from typing import List, Optional
@@ -32,8 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import fused_nce
-from _corpus import (example_parser, fill_defaults, load_corpus, pick_device, plot_against_time,
-                     print_table, progress, set_postfix, write_csv)
+from _corpus import (StepLog, example_parser, fill_defaults, load_corpus, pick_device,
+                     plot_against_time, print_table, progress, set_postfix, write_csv)
 
 OBJECTIVES = ("nce", "negative_sampling", "sampled_softmax", "full_softmax")
 
@@ -113,20 +112,16 @@ def train(run: Run, train_windows: torch.Tensor, valid_windows: torch.Tensor,
     optimizer = torch.optim.Adam(params, lr=args.lr)
     batches = torch.Generator().manual_seed(args.seed)  # same data order for every run
 
-    rows, train_seconds, recent, step_seconds = [], 0.0, [], []
+    rows, log = [], StepLog()
 
     def record(step: int) -> None:
-        # Speed from the median step: robust to other work on a shared machine.
-        median = statistics.median(step_seconds) if step_seconds else float("nan")
         row = {"run": run.name, "objective": run.objective, "step": step,
-               "tokens": step * args.batch_size, "train_s": train_seconds,
-               "tokens_per_s": args.batch_size / median,
-               "train_loss": sum(recent) / len(recent) if recent else float("nan"),
+               "tokens": step * args.batch_size, "train_s": log.train_s,
+               "tokens_per_s": log.rate(args.batch_size), "train_loss": log.mean_loss(),
                **evaluate(model, valid_windows, device)}
         if criterion is not None and criterion.log_z is not None:
             row["learned_log_z"] = float(criterion.log_z)
         rows.append(row)
-        recent.clear()
 
     record(0)
     bar = progress(range(1, run.steps + 1), desc=run.name, unit="step", leave=False)
@@ -142,9 +137,8 @@ def train(run: Run, train_windows: torch.Tensor, valid_windows: torch.Tensor,
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        recent.append(loss.item())  # also waits for the device, so the timing is honest
-        step_seconds.append(time.perf_counter() - start)
-        train_seconds += step_seconds[-1]
+        # loss.item() also waits for the device, so the timing is honest.
+        log.add(loss.item(), time.perf_counter() - start)
         if step % args.eval_every == 0 or step == run.steps:
             record(step)
             set_postfix(bar, ppl=f"{rows[-1]['val_ppl']:.1f}", logZ=f"{rows[-1]['log_z_mean']:.2f}")

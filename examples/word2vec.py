@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 import fused_nce
-from _corpus import (Corpus, example_parser, fill_defaults, load_corpus, pick_device, progress,
-                     pyplot, save_figure, set_postfix, write_csv)
+from _corpus import (Corpus, StepLog, example_parser, fill_defaults, load_corpus, pick_device,
+                     progress, pyplot, save_figure, set_postfix, write_csv)
 
 
 class SkipGram(nn.Module):
@@ -164,17 +164,16 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
     has_clusters = corpus.cluster is not None
     chance = chance_score(corpus.cluster, args.eval_words) if has_clusters else None
 
-    curve, recent, seconds, pairs_seen, step = [], [], 0.0, 0, 0
+    curve, log, pairs_seen, step = [], StepLog(), 0, 0
 
     def record() -> None:
-        row = {"step": step, "pairs": pairs_seen, "train_s": seconds,
-               "train_loss": sum(recent) / len(recent) if recent else float("nan")}
+        row = {"step": step, "pairs": pairs_seen, "train_s": log.train_s,
+               "train_loss": log.mean_loss()}
         if has_clusters:
             row["planted_p10"] = planted_score(model.center.detach(), corpus.cluster,
                                                args.eval_words)
             row["chance_p10"] = chance
         curve.append(row)
-        recent.clear()
 
     record()
     for epoch in range(args.epochs):
@@ -197,8 +196,7 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
             loss.backward()
             optimizer.step()
             schedule.step()
-            recent.append(loss.item())
-            seconds += time.perf_counter() - start
+            log.add(loss.item(), time.perf_counter() - start)
             step, pairs_seen = step + 1, pairs_seen + len(batch)
             if step % args.eval_every == 0:
                 record()
@@ -207,12 +205,12 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
                                 p10=f"{curve[-1]['planted_p10']:.3f}")
         if args.steps is not None and step >= args.steps:
             break
-    if recent:
+    if log.pending:
         record()
 
     final = curve[-1]
-    print(f"{step} steps, {pairs_seen:,} pairs in {seconds:.1f} s "
-          f"({pairs_seen / max(seconds, 1e-9):,.0f} pairs/s); loss "
+    print(f"{step} steps, {pairs_seen:,} pairs in {log.train_s:.1f} s "
+          f"({pairs_seen / max(log.train_s, 1e-9):,.0f} pairs/s); loss "
           f"{curve[1]['train_loss']:.3f} -> {final['train_loss']:.3f}")
     if has_clusters:
         print(f"planted-cluster precision@10 over the {args.eval_words} most frequent words: "
