@@ -31,6 +31,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sampled_loss_backward
     const at::Tensor& weight, bool has_bias, const at::Tensor& target,
     const at::Tensor& negatives, int64_t ignore_index);
 
+// grad_hidden alone (a frozen output layer): the first output of the ops above.
+at::Tensor sampled_loss_backward_hidden_cpu(const at::Tensor& grad_loss, const at::Tensor& coef,
+                                            const at::Tensor& hidden, const at::Tensor& weight,
+                                            const at::Tensor& target,
+                                            const at::Tensor& negatives, int64_t ignore_index);
+
 // Walker/Vose alias table of non-negative weights [V]: int64 [V], see alias_draw in nce_math.h.
 at::Tensor alias_build_cpu(const at::Tensor& weights);
 
@@ -52,6 +58,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sampled_loss_backward
     const at::Tensor& grad_loss, const at::Tensor& coef, const at::Tensor& hidden,
     const at::Tensor& weight, bool has_bias, const at::Tensor& target,
     const at::Tensor& negatives, int64_t ignore_index);
+at::Tensor sampled_loss_backward_hidden_cuda(const at::Tensor& grad_loss, const at::Tensor& coef,
+                                             const at::Tensor& hidden, const at::Tensor& weight,
+                                             const at::Tensor& target,
+                                             const at::Tensor& negatives, int64_t ignore_index);
 at::Tensor alias_build_cuda(const at::Tensor& weights);
 at::Tensor alias_sample_cuda(const at::Tensor& table, at::IntArrayRef size,
                              std::optional<at::Generator> generator);

@@ -18,6 +18,10 @@ TORCH_LIBRARY(fused_nce, m) {
       "sampled_loss_backward_rows(Tensor grad_loss, Tensor coef, Tensor hidden, Tensor weight, "
       "bool has_bias, Tensor target, Tensor negatives, int ignore_index) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
+  // grad_hidden alone, for a frozen output layer: no weight rows are summed or returned.
+  m.def(
+      "sampled_loss_backward_hidden(Tensor grad_loss, Tensor coef, Tensor hidden, Tensor weight, "
+      "Tensor target, Tensor negatives, int ignore_index) -> Tensor");
   // Walker/Vose alias table from non-negative weights.
   m.def("alias_build(Tensor weights) -> Tensor");
   // O(1) draws from an alias table, randomness from the generator (default one when None).

@@ -1,5 +1,6 @@
 """Problem builders and tolerances shared by the tests."""
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -84,3 +85,42 @@ def loss_and_grads(run, objective, p: Problem, **kwargs):
     upstream = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
     loss.backward(upstream.to(loss.device))
     return loss.detach(), [leaf.grad for leaf in leaves]
+
+
+# ---- the alias sampler ----
+
+def chi_square_p_upper(statistic, dof):
+    """P(X >= statistic) for chi-square(dof), by the Wilson-Hilferty normal approximation."""
+    z = ((statistic / dof) ** (1 / 3) - (1 - 2 / (9 * dof))) / math.sqrt(2 / (9 * dof))
+    return 0.5 * math.erfc(z / math.sqrt(2))
+
+
+def chi_square(draws, probs):
+    counts = torch.bincount(draws.cpu(), minlength=probs.numel()).double()
+    expected = probs.cpu().double() * draws.numel()
+    keep = expected > 0
+    return (((counts - expected) ** 2)[keep] / expected[keep]).sum().item(), int(keep.sum()) - 1
+
+
+def table_probs(table):
+    """The distribution an alias table encodes: bucket c keeps c with probability threshold / 2^32
+    and hands the rest to its alias."""
+    table = table.cpu()
+    num_classes = table.numel()
+    keep = (table & 0xFFFFFFFF).double() / 2.0**32
+    alias = table >> 32
+    probs = keep.clone()
+    probs.index_add_(0, alias, 1.0 - keep)
+    return probs / num_classes
+
+
+def table_error_bound(table):
+    """How far table_probs may be from the exact distribution, per class: each bucket truncates
+    its threshold to 32 bits (2^-32 / V per bucket that hands the class mass), and the double
+    prefix sums over V classes round (a bound that grows with V, landing on the last heavies)."""
+    table = table.cpu()
+    num_classes = table.numel()
+    keep = table & 0xFFFFFFFF
+    gives = keep < 0xFFFFFFFF
+    buckets = 1 + torch.bincount((table >> 32)[gives], minlength=num_classes).double()
+    return (buckets * 2.0**-32 + max(1e-8, num_classes * 1e-12)) / num_classes

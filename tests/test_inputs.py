@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fused_nce
-from conftest import OBJECTIVES
+from conftest import DTYPES, OBJECTIVES
 from helpers import loss_and_grads, make_problem, run_fused, run_reference
 
 V, D, N = 20, 8, 6
@@ -215,3 +215,96 @@ def test_zero_probability_target(device):
     for objective in OBJECTIVES:
         loss, grads = loss_and_grads(run_fused, objective, p)
         assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
+
+
+# ---- empty and degenerate batches reach every backward helper ----------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shared", [False, True], ids=["per_example", "shared"])
+@pytest.mark.parametrize("grads", ["dense", "sparse", "frozen"])
+def test_empty_batch_backward_every_path(device, dtype, shared, grads):
+    """N = 0 through every backward (dense, sparse rows, grad_hidden only) and dtype: zero
+    gradients of the right shapes, no reduction over an empty dimension."""
+    p = make_problem(n=0, device=device, dtype=dtype, shared=shared)
+    hidden, weight, bias = p.leaves()
+    if grads == "frozen":
+        weight.requires_grad_(False)
+        bias.requires_grad_(False)
+    loss = fused_nce.sampled_softmax_loss(hidden, weight, bias, p.target, p.sampler,
+                                          negatives=p.negatives, reduction="sum",
+                                          sparse_grad=grads == "sparse")
+    loss.backward()
+    assert loss.item() == 0.0 and hidden.grad.shape == hidden.shape
+    for g, leaf in [(weight.grad, weight), (bias.grad, bias)]:
+        if grads == "frozen":
+            assert g is None
+            continue
+        dense = g.to_dense() if g.is_sparse else g
+        assert dense.shape == leaf.shape and dense.dtype == dtype and not dense.any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shared", [False, True], ids=["per_example", "shared"])
+def test_all_ignored_and_no_negatives_at_the_op_level(device, dtype, shared):
+    """The ops take k = 0 and batches where every example is ignored: zero loss, zero
+    coefficients, zero gradients (the Python layer asks for k >= 1; the kernels must not care)."""
+    ops = torch.ops.fused_nce
+    p = make_problem(n=9, device=device, dtype=dtype, shared=shared)
+    log_z = torch.tensor(0.0, device=device)
+    grad_loss = torch.ones(9, device=device)
+    for target, negatives in [(torch.full_like(p.target, -100), p.negatives),
+                              (p.target, p.negatives[..., :0])]:
+        loss, coef = ops.sampled_loss_forward(p.hidden, p.weight, p.bias, target, negatives,
+                                              p.sampler.probs, log_z, 0, False, -100)
+        assert coef.shape == (9, 1 + negatives.shape[-1])
+        ignored = target == -100
+        assert not loss[ignored].any() and not coef[ignored].any()
+        g_hidden, g_weight, g_bias = ops.sampled_loss_backward(
+            grad_loss, coef, p.hidden, p.weight, True, target, negatives, -100)
+        g_rows = ops.sampled_loss_backward_rows(grad_loss, coef, p.hidden, p.weight, True,
+                                                target, negatives, -100)
+        g_only = ops.sampled_loss_backward_hidden(grad_loss, coef, p.hidden, p.weight, target,
+                                                  negatives, -100)
+        torch.testing.assert_close(g_only, g_hidden, rtol=0, atol=0)
+        torch.testing.assert_close(g_rows[0], g_hidden, rtol=0, atol=0)
+        if bool(ignored.all()):
+            assert not g_hidden.any() and not g_weight.any() and not g_bias.any()
+
+
+def test_negatives_of_ignored_examples_are_checked_too():
+    """An out-of-range negative is an error even in an ignored example (CPU and CUDA agree: the
+    CUDA kernels assert on it)."""
+    a = good_args()
+    target = a["target"].clone()
+    target[2] = -100
+    negatives = torch.randint(V, (N, 3))
+    negatives[2, 1] = V
+    with pytest.raises(ValueError, match="negatives"):
+        fused_nce.nce_loss(a["hidden"], a["weight"], a["bias"], target, a["noise"],
+                           negatives=negatives)
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+@pytest.mark.parametrize("shared", [False, True], ids=["per_example", "shared"])
+@pytest.mark.parametrize("dim", [13, 24])
+def test_row_strided_and_offset_weight_views(device, objective, shared, dim):
+    """Rows with unit stride along D but any row stride and offset (a slice of a wider matrix,
+    starting one element in: misaligned for vector loads) give the same results as contiguous
+    copies."""
+    p = make_problem(dim=dim, device=device, shared=shared)
+    loss, grads = loss_and_grads(run_fused, objective, p, reduction="none")
+    wide_weight = torch.zeros(p.weight.shape[0], dim + 3, device=device)
+    wide_weight[:, 1:dim + 1] = p.weight
+    wide_hidden = torch.zeros(p.hidden.shape[0], dim + 5, device=device)
+    wide_hidden[:, 1:dim + 1] = p.hidden
+    wide_weight.requires_grad_()
+    wide_hidden.requires_grad_()
+    bias = p.bias.clone().requires_grad_()
+    weight, hidden = wide_weight[:, 1:dim + 1], wide_hidden[:, 1:dim + 1]
+    assert weight.stride() == (dim + 3, 1) and weight.storage_offset() == 1
+    strided = run_fused(objective, p, [hidden, weight, bias], reduction="none")
+    strided.backward(torch.linspace(0.5, 1.5, strided.numel(), device=device))
+    torch.testing.assert_close(strided.detach(), loss)
+    for g, r in zip([wide_hidden.grad[:, 1:dim + 1], wide_weight.grad[:, 1:dim + 1], bias.grad],
+                    grads):
+        torch.testing.assert_close(g, r)

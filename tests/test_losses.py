@@ -168,6 +168,8 @@ def test_opcheck(device):
         grad_loss = torch.linspace(0.1, 1.0, 11, device=device)
         torch.library.opcheck(ops.sampled_loss_backward.default,
                               (grad_loss, coef, p.hidden, p.weight, True, p.target, p.negatives, -100))
+        torch.library.opcheck(ops.sampled_loss_backward_hidden.default,
+                              (grad_loss, coef, p.hidden, p.weight, p.target, p.negatives, -100))
     torch.library.opcheck(ops.alias_build.default, (torch.rand(17, dtype=torch.float64),))
     table = fused_nce.AliasSampler(torch.rand(17), device=device).table
     # A fresh generator per call makes the random op's output comparable across opcheck's runs.

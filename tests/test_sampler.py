@@ -1,24 +1,10 @@
 """The alias sampler: exact frequencies, reproducibility, the noise weight helpers."""
 
-import math
-
 import pytest
 import torch
 
 import fused_nce
-
-
-def chi_square_p_upper(statistic, dof):
-    """P(X >= statistic) for chi-square(dof), by the Wilson-Hilferty normal approximation."""
-    z = ((statistic / dof) ** (1 / 3) - (1 - 2 / (9 * dof))) / math.sqrt(2 / (9 * dof))
-    return 0.5 * math.erfc(z / math.sqrt(2))
-
-
-def chi_square(draws, probs):
-    counts = torch.bincount(draws.cpu(), minlength=probs.numel()).double()
-    expected = probs.cpu().double() * draws.numel()
-    keep = expected > 0
-    return (((counts - expected) ** 2)[keep] / expected[keep]).sum().item(), int(keep.sum()) - 1
+from helpers import chi_square, chi_square_p_upper, table_error_bound, table_probs
 
 
 @pytest.mark.parametrize("kind", ["zipf", "uniform", "spiky"])
@@ -38,18 +24,6 @@ def test_frequencies_match_probs(device, kind):
     assert chi_square_p_upper(statistic, dof) > 1e-4, (statistic, dof)
     if kind == "spiky":
         assert not bool((draws.cpu() % 5 == 0).any()), "a zero-weight class was drawn"
-
-
-def table_probs(table):
-    """The distribution an alias table encodes: bucket c keeps c with probability threshold / 2^32
-    and hands the rest to its alias."""
-    table = table.cpu()
-    num_classes = table.numel()
-    keep = (table & 0xFFFFFFFF).double() / 2.0**32
-    alias = table >> 32
-    probs = keep.clone()
-    probs.index_add_(0, alias, 1.0 - keep)
-    return probs / num_classes
 
 
 @pytest.mark.parametrize("kind", ["zipf", "uniform", "one_heavy", "zeros", "exact_ones", "random",
@@ -79,13 +53,8 @@ def test_table_encodes_the_weights_exactly(device, kind):
     keep = table.cpu() & 0xFFFFFFFF
     gives = keep < 0xFFFFFFFF
     assert not bool((weights[alias[gives]] == 0).any())
-    # Each bucket truncates its threshold to 32 bits: a class may be off by 2^-32 / V per bucket
-    # that hands it mass. The rounding of the double prefix sums over V classes (about 1e-9 of a
-    # bucket here) lands on the last heavy class.
-    expected = weights / weights.sum()
-    buckets = 1 + torch.bincount(alias[gives], minlength=num_classes).double()
-    error = (table_probs(table) - expected).abs()
-    bound = (buckets * 2.0**-32 + 1e-8) / num_classes
+    error = (table_probs(table) - weights / weights.sum()).abs()
+    bound = table_error_bound(table)
     assert bool((error <= bound).all()), (error / bound).max().item()
 
 

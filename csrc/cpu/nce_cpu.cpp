@@ -72,6 +72,12 @@ void check_inputs(const at::Tensor& hidden, const at::Tensor& weight,
   check_indices(negatives, weight.size(0), "negatives", false, 0);
 }
 
+// Rows with unit stride along D are read in place (a sliced or transposed-back weight is not
+// copied); anything else is made contiguous.
+at::Tensor rows_of(const at::Tensor& t) {
+  return (t.dim() == 2 && (t.stride(1) == 1 || t.size(1) <= 1)) ? t : t.contiguous();
+}
+
 // A fresh [V, D] gradient is hundreds of MB of untouched pages: at 4 KiB a page, first-touch page
 // faults cost more than the scatter itself. Ask for transparent huge pages before writing it.
 void advise_huge_pages(const at::Tensor& t) {
@@ -153,8 +159,8 @@ std::tuple<at::Tensor, at::Tensor> sampled_loss_forward_cpu(
   check_loss_args(weight, noise_probs, log_z, objective);
   const bool uses_noise = objective != kNegativeSampling;
 
-  const auto h = hidden.contiguous();
-  const auto w = weight.contiguous();
+  const auto h = rows_of(hidden);
+  const auto w = rows_of(weight);
   const auto b = bias.has_value() ? bias->contiguous() : at::Tensor();
   const auto tgt = target.contiguous();
   const auto neg = negatives.contiguous();
@@ -186,8 +192,9 @@ std::tuple<at::Tensor, at::Tensor> sampled_loss_forward_cpu(
     const acc_t* sp = shared ? neg_scores.const_data_ptr<acc_t>() : nullptr;
     acc_t* lossp = loss.mutable_data_ptr<acc_t>();
     acc_t* coefp = coef.mutable_data_ptr<acc_t>();
+    const int64_t h_stride = h.stride(0), w_stride = w.stride(0);
     const auto score = [&](const acc_t* h_row, int64_t row) {
-      return dot(h_row, wp + row * dim, dim) + (bp ? static_cast<acc_t>(bp[row]) : acc_t(0));
+      return dot(h_row, wp + row * w_stride, dim) + (bp ? static_cast<acc_t>(bp[row]) : acc_t(0));
     };
 
     at::parallel_for(0, n_examples, grain_for((1 + k) * dim), [&](int64_t begin, int64_t end) {
@@ -202,7 +209,7 @@ std::tuple<at::Tensor, at::Tensor> sampled_loss_forward_cpu(
           continue;
         }
         const int64_t* negs = shared ? np : np + i * k;
-        load_row(hp + i * dim, h_row.data(), dim);
+        load_row(hp + i * h_stride, h_row.data(), dim);
         s[0] = score(h_row.data(), t);
         for (int64_t j = 1; j <= k; ++j) {
           const int64_t r = negs[j - 1];
@@ -223,8 +230,10 @@ std::tuple<at::Tensor, at::Tensor> sampled_loss_forward_cpu(
 
 namespace {
 
-// Both backward ops: dense writes [V, D] / [V]; compact writes only the touched rows, listed in
-// ascending order in `rows`.
+// What a backward computes besides grad_hidden: the dense [V, D] / [V] gradients, only the touched
+// rows (listed ascending in `rows`), or nothing (a frozen output layer).
+enum class WeightGrad { kDense, kRows, kNone };
+
 struct Gradients {
   at::Tensor hidden, rows, weight, bias;
 };
@@ -232,7 +241,7 @@ struct Gradients {
 Gradients backward_cpu(const at::Tensor& grad_loss, const at::Tensor& coef,
                        const at::Tensor& hidden, const at::Tensor& weight, bool has_bias,
                        const at::Tensor& target, const at::Tensor& negatives,
-                       int64_t ignore_index, bool compact) {
+                       int64_t ignore_index, WeightGrad mode) {
   // The GEMMs below are part of the kernel: an enclosing autocast region must not recast them.
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   check_inputs(hidden, weight, std::nullopt, target, negatives, ignore_index);
@@ -243,14 +252,14 @@ Gradients backward_cpu(const at::Tensor& grad_loss, const at::Tensor& coef,
   TORCH_CHECK_VALUE(coef.dim() == 2 && coef.size(0) == n_examples && coef.size(1) == 1 + k,
                     "coef must be [N, 1 + k]");
   const auto acc_dtype = hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const auto h = hidden.contiguous();
-  const auto w = weight.contiguous();
+  const auto h = rows_of(hidden);
+  const auto w = rows_of(weight);
   const auto tgt = target.contiguous();
   const auto neg = negatives.contiguous();
   // Per-entry coefficients grad_loss[i] * dloss_i/ds_ij, [N, 1 + k].
   const auto scaled = (coef.to(acc_dtype) * grad_loss.to(acc_dtype).unsqueeze(1)).contiguous();
   const bool shared = neg.dim() == 1;
-  auto grad_hidden = at::empty_like(h);
+  auto grad_hidden = at::empty({n_examples, dim}, h.options());
   at::Tensor rows, grad_weight, grad_bias;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(),
@@ -258,6 +267,7 @@ Gradients backward_cpu(const at::Tensor& grad_loss, const at::Tensor& coef,
     using acc_t = acc_type<scalar_t>;
     const scalar_t* hp = h.const_data_ptr<scalar_t>();
     const scalar_t* wp = w.const_data_ptr<scalar_t>();
+    const int64_t h_stride = h.stride(0), w_stride = w.stride(0);
     const int64_t* tp = tgt.const_data_ptr<int64_t>();
     const int64_t* np = neg.const_data_ptr<int64_t>();
     const acc_t* cp = scaled.const_data_ptr<acc_t>();
@@ -268,8 +278,10 @@ Gradients backward_cpu(const at::Tensor& grad_loss, const at::Tensor& coef,
     if (shared) {
       const auto c_neg = scaled.narrow(1, 1, k);
       hidden_from_negs = at::mm(c_neg, w.index_select(0, neg).to(acc_dtype)).contiguous();
-      grad_wn = at::mm(c_neg.t(), h.to(acc_dtype)).contiguous();
-      grad_bn = c_neg.sum(0).contiguous();
+      if (mode != WeightGrad::kNone) {
+        grad_wn = at::mm(c_neg.t(), h.to(acc_dtype)).contiguous();
+        grad_bn = c_neg.sum(0).contiguous();
+      }
     }
 
     at::parallel_for(0, n_examples, grain_for((1 + k) * dim), [&](int64_t begin, int64_t end) {
@@ -281,13 +293,16 @@ Gradients backward_cpu(const at::Tensor& grad_loss, const at::Tensor& coef,
         } else {
           std::fill(acc.begin(), acc.end(), acc_t(0));
           for (int64_t j = 1; j <= k; ++j) {
-            if (c[j] != 0) axpy(c[j], wp + np[i * k + j - 1] * dim, acc.data(), dim);
+            if (c[j] != 0) axpy(c[j], wp + np[i * k + j - 1] * w_stride, acc.data(), dim);
           }
         }
-        if (c[0] != 0 && tp[i] != ignore_index) axpy(c[0], wp + tp[i] * dim, acc.data(), dim);
+        if (c[0] != 0 && tp[i] != ignore_index) {
+          axpy(c[0], wp + tp[i] * w_stride, acc.data(), dim);
+        }
         store_row(acc.data(), ghp + i * dim, dim);
       }
     });
+    if (mode == WeightGrad::kNone) return;
 
     // Entries with a zero coefficient (ignored examples, dropped hits) touch nothing.
     const auto ignored = [&](int64_t i, int64_t j) {
@@ -312,7 +327,7 @@ Gradients backward_cpu(const at::Tensor& grad_loss, const at::Tensor& coef,
     const EntriesByRow entries(entry_row, num_rows);
 
     std::vector<int64_t> out_row;
-    if (compact) {
+    if (mode == WeightGrad::kRows) {
       out_row.assign(num_rows, -1);
       int64_t num_touched = 0;
       for (int64_t r = 0; r < num_rows; ++r) {
@@ -327,20 +342,20 @@ Gradients backward_cpu(const at::Tensor& grad_loss, const at::Tensor& coef,
       grad_bias = at::empty({has_bias ? num_touched : 0}, w.options());
     } else {
       rows = at::empty({0}, tgt.options());
-      grad_weight = at::empty_like(w);
+      grad_weight = at::empty({num_rows, dim}, w.options());
       advise_huge_pages(grad_weight);
       grad_bias = at::empty({has_bias ? num_rows : 0}, w.options());
     }
     scalar_t* gwp = grad_weight.mutable_data_ptr<scalar_t>();
     scalar_t* gbp = has_bias ? grad_bias.mutable_data_ptr<scalar_t>() : nullptr;
-    const int64_t* orp = compact ? out_row.data() : nullptr;
+    const int64_t* orp = mode == WeightGrad::kRows ? out_row.data() : nullptr;
     if (shared) {
       const acc_t* gwn = grad_wn.const_data_ptr<acc_t>();
       const acc_t* gbn = grad_bn.const_data_ptr<acc_t>();
       sum_rows<scalar_t, acc_t>(entries, orp, dim, gwp, gbp, [&](int64_t e, acc_t* acc) {
         if (e < n_examples) {
           const acc_t c = cp[e * (1 + k)];
-          axpy(c, hp + e * dim, acc, dim);
+          axpy(c, hp + e * h_stride, acc, dim);
           return c;
         }
         axpy(acc_t(1), gwn + (e - n_examples) * dim, acc, dim);
@@ -349,7 +364,7 @@ Gradients backward_cpu(const at::Tensor& grad_loss, const at::Tensor& coef,
     } else {
       sum_rows<scalar_t, acc_t>(entries, orp, dim, gwp, gbp, [&](int64_t e, acc_t* acc) {
         const acc_t c = cp[e];
-        axpy(c, hp + (e / (1 + k)) * dim, acc, dim);
+        axpy(c, hp + (e / (1 + k)) * h_stride, acc, dim);
         return c;
       });
     }
@@ -364,7 +379,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sampled_loss_backward_cpu(
     const at::Tensor& weight, bool has_bias, const at::Tensor& target,
     const at::Tensor& negatives, int64_t ignore_index) {
   auto g = backward_cpu(grad_loss, coef, hidden, weight, has_bias, target, negatives,
-                        ignore_index, /*compact=*/false);
+                        ignore_index, WeightGrad::kDense);
   return {g.hidden, g.weight, g.bias};
 }
 
@@ -373,14 +388,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sampled_loss_backward
     const at::Tensor& weight, bool has_bias, const at::Tensor& target,
     const at::Tensor& negatives, int64_t ignore_index) {
   auto g = backward_cpu(grad_loss, coef, hidden, weight, has_bias, target, negatives,
-                        ignore_index, /*compact=*/true);
+                        ignore_index, WeightGrad::kRows);
   return {g.hidden, g.rows, g.weight, g.bias};
+}
+
+at::Tensor sampled_loss_backward_hidden_cpu(const at::Tensor& grad_loss, const at::Tensor& coef,
+                                            const at::Tensor& hidden, const at::Tensor& weight,
+                                            const at::Tensor& target,
+                                            const at::Tensor& negatives, int64_t ignore_index) {
+  return backward_cpu(grad_loss, coef, hidden, weight, false, target, negatives, ignore_index,
+                      WeightGrad::kNone)
+      .hidden;
 }
 
 TORCH_LIBRARY_IMPL(fused_nce, CPU, m) {
   m.impl("sampled_loss_forward", &sampled_loss_forward_cpu);
   m.impl("sampled_loss_backward", &sampled_loss_backward_cpu);
   m.impl("sampled_loss_backward_rows", &sampled_loss_backward_rows_cpu);
+  m.impl("sampled_loss_backward_hidden", &sampled_loss_backward_hidden_cpu);
   m.impl("alias_build", &alias_build_cpu);
   m.impl("alias_sample", &alias_sample_cpu);
 }

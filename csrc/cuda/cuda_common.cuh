@@ -63,26 +63,46 @@ __device__ __forceinline__ void store_vec(const acc_t (&in)[VEC], T* __restrict_
   *reinterpret_cast<Packed<T, VEC>*>(p) = x;
 }
 
-// Widest vector for rows of `dim` elements of T starting at every given pointer: 16 bytes when
-// every row stays 16-byte aligned, else one element at a time.
+// Widest vector (16, 8 or 4 bytes, else one element) such that every row stays aligned: every base
+// pointer and every row stride (in elements) must be a multiple of it. The kernels read the last
+// dim % VEC elements of a row one at a time, so D need not be a multiple of VEC.
 template <typename T>
-int vector_width(int64_t dim, std::initializer_list<const void*> bases) {
-  constexpr int kWide = 16 / sizeof(T);
-  bool aligned = dim % kWide == 0;
-  for (const void* p : bases) aligned = aligned && reinterpret_cast<uintptr_t>(p) % 16 == 0;
-  return aligned ? kWide : 1;
+int vector_width(std::initializer_list<const void*> bases, std::initializer_list<int64_t> strides) {
+  for (int bytes = 16; bytes > static_cast<int>(sizeof(T)); bytes /= 2) {
+    bool aligned = true;
+    for (const void* p : bases) aligned = aligned && reinterpret_cast<uintptr_t>(p) % bytes == 0;
+    for (const int64_t s : strides) aligned = aligned && (s * sizeof(T)) % bytes == 0;
+    if (aligned) return bytes / static_cast<int>(sizeof(T));
+  }
+  return 1;
 }
 
 // Calls f(std::integral_constant<int, VEC>) with VEC = the vector width chosen above.
 template <typename T, typename F>
 void with_vector_width(int width, const F& f) {
-  constexpr int kWide = 16 / sizeof(T);
-  if (width == kWide) {
-    f(std::integral_constant<int, kWide>{});
+  constexpr int k16 = 16 / sizeof(T), k8 = 8 / sizeof(T), k4 = 4 / sizeof(T);
+  if (width >= k16) {
+    f(std::integral_constant<int, k16>{});
+  } else if constexpr (k8 > 1) {
+    if (width >= k8) {
+      f(std::integral_constant<int, k8>{});
+    } else if constexpr (k4 > 1) {
+      if (width >= k4) {
+        f(std::integral_constant<int, k4>{});
+      } else {
+        f(std::integral_constant<int, 1>{});
+      }
+    } else {
+      f(std::integral_constant<int, 1>{});
+    }
   } else {
     f(std::integral_constant<int, 1>{});
   }
 }
+
+// A lane's share of a row of D elements: vectors lane, lane + 32, ... held in registers, up to
+// kTileVecs of them per pass (D up to 32 * kTileVecs * VEC per pass; longer rows take more passes).
+constexpr int kTileVecs = 4;
 
 // Blocks of kWarpsPerBlock warps, one warp per item.
 inline dim3 warp_grid(int64_t items) {

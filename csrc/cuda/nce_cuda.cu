@@ -1,11 +1,10 @@
 // Fused sampled losses on CUDA. Forward: one warp per example gathers the target and negative rows
-// of W in place with 16-byte loads (never an [N, k, D] tensor), reduces the 1 + k dot products and
+// of W in place with vector loads (never an [N, k, D] tensor), reduces the 1 + k dot products and
 // turns them into the loss and dloss/dscore in the same kernel (nce_math.h, shared with the CPU).
-// Backward: grad_hidden by a second gather; grad_weight / grad_bias into the touched rows only,
-// by float atomics, or (bfloat16 / float16, deterministic mode, sparse rows) by sorting the
-// entries by row and summing each row in one warp, in a fixed order.
-// Shared negatives go through GEMMs. Indices are checked in the kernels (device-side assert, and
-// a bad index is never dereferenced), so nothing waits for the device.
+// Backward: grad_hidden by a second gather; grad_weight / grad_bias into the touched rows only
+// (nce_scatter_cuda.cu). Shared negatives go through GEMMs whose low-precision operands are
+// written by one fused pass. Indices are checked in the kernels (device-side assert, and a bad
+// index is never dereferenced), so nothing waits for the device.
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <ATen/Dispatch.h>
@@ -13,64 +12,16 @@
 #include <torch/library.h>
 #include <torch/version.h>
 
-#include <cub/cub.cuh>
-
 #include <limits>
 
 #include "../checks.h"
 #include "../fused_nce.h"
 #include "../nce_math.h"
-#include "cuda_common.cuh"
+#include "nce_cuda.cuh"
 
 namespace fused_nce {
 using namespace cuda;
 namespace {
-
-// Everything a kernel needs to know about one call. `negatives` is [N, k] or, when shared, [k].
-// `coef` is [N, 1 + k]: scores, then dloss/dscore (forward), or those scaled by grad_loss
-// (backward).
-template <typename scalar_t>
-struct Problem {
-  using acc_t = acc_type<scalar_t>;
-  const scalar_t* hidden;
-  const scalar_t* weight;
-  const scalar_t* bias;  // null without bias
-  const int64_t* target;
-  const int64_t* negatives;
-  int64_t n, dim, k, num_classes, ignore_index;
-  bool shared;
-
-  __device__ __forceinline__ int64_t columns() const { return 1 + k; }
-  // Class of column j of example i: 0 is the target, 1..k the negatives.
-  __device__ __forceinline__ int64_t column_class(int64_t i, int64_t j) const {
-    if (j == 0) return target[i];
-    return shared ? negatives[j - 1] : negatives[i * k + j - 1];
-  }
-  __device__ __forceinline__ bool ignored(int64_t i) const { return target[i] == ignore_index; }
-  // A class index out of range is reported and then never used as an address.
-  __device__ __forceinline__ bool valid(int64_t c) const {
-    const bool ok = c >= 0 && c < num_classes;
-    CUDA_KERNEL_ASSERT(ok && "fused_nce: class index outside [0, V)");
-    return ok;
-  }
-};
-
-template <typename scalar_t>
-Problem<scalar_t> make_problem(const at::Tensor& h, const at::Tensor& w, const at::Tensor& b,
-                               const at::Tensor& tgt, const at::Tensor& neg,
-                               int64_t ignore_index) {
-  return Problem<scalar_t>{h.const_data_ptr<scalar_t>(),
-                           w.const_data_ptr<scalar_t>(),
-                           b.defined() ? b.const_data_ptr<scalar_t>() : nullptr,
-                           tgt.const_data_ptr<int64_t>(),
-                           neg.const_data_ptr<int64_t>(),
-                           h.size(0),
-                           h.size(1),
-                           neg.size(-1),
-                           w.size(0),
-                           ignore_index,
-                           neg.dim() == 1};
-}
 
 // ---- Forward ----
 
@@ -79,8 +30,10 @@ struct LossOptions {
   bool remove_accidental_hits;
 };
 
+// 4 blocks of 256 threads per SM: at most 64 registers a thread, enough warps in flight to hide
+// the latency of the gathers.
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kWarpsPerBlock* kWarpSize)
+__global__ void __launch_bounds__(kWarpsPerBlock* kWarpSize, 4)
     forward_kernel(const Problem<scalar_t> p, const float* __restrict__ noise_probs,
                    const acc_type<scalar_t>* __restrict__ log_z,
                    const acc_type<scalar_t>* __restrict__ shared_scores, const LossOptions opt,
@@ -95,13 +48,17 @@ __global__ void __launch_bounds__(kWarpsPerBlock* kWarpSize)
   acc_t* s = coef + i * cols;
   const int64_t t = p.target[i];
   if (p.ignored(i)) {
+    // Negatives are checked for every example, ignored ones too, as on the CPU.
+    if (!p.shared) {
+      for (int64_t j = lane; j < p.k; j += kWarpSize) p.valid(p.negatives[i * p.k + j]);
+    }
     for (int64_t j = lane; j < cols; j += kWarpSize) s[j] = 0;
     if (lane == 0) loss[i] = 0;
     return;
   }
 
   // Scores s[j] = <h_i, W[c_j]> + b[c_j]; with shared negatives only the target's is gathered.
-  const scalar_t* h = p.hidden + i * p.dim;
+  const scalar_t* h = p.hidden_row(i);
   const int64_t gathered = p.shared ? 1 : cols;
   const int64_t num_vecs = p.dim / VEC;
   for (int64_t j0 = 0; j0 < gathered; j0 += kRows) {
@@ -122,9 +79,18 @@ __global__ void __launch_bounds__(kWarpsPerBlock* kWarpSize)
       for (int u = 0; u < kRows; ++u) {
         if (row[u] < 0) continue;
         acc_t wv[VEC];
-        load_vec<VEC>(p.weight + row[u] * p.dim + v * VEC, wv);
+        load_vec<VEC>(p.weight_row(row[u]) + v * VEC, wv);
 #pragma unroll
         for (int e = 0; e < VEC; ++e) dot[u] += hv[e] * wv[e];
+      }
+    }
+    // The last dim % VEC elements, one per lane.
+    const int64_t d = num_vecs * VEC + lane;
+    if (d < p.dim) {
+      const acc_t hd = static_cast<acc_t>(h[d]);
+#pragma unroll
+      for (int u = 0; u < kRows; ++u) {
+        if (row[u] >= 0) dot[u] += hd * static_cast<acc_t>(p.weight_row(row[u])[d]);
       }
     }
 #pragma unroll
@@ -139,7 +105,12 @@ __global__ void __launch_bounds__(kWarpsPerBlock* kWarpSize)
     }
   }
   if (p.shared) {
-    for (int64_t j = 1 + lane; j < cols; j += kWarpSize) s[j] = shared_scores[i * p.k + j - 1];
+    // The GEMM gave <h_i, W[n_j]>; the bias is added here rather than in a pass of its own.
+    for (int64_t j = 1 + lane; j < cols; j += kWarpSize) {
+      const int64_t c = p.negatives[j - 1];
+      const acc_t b = (p.bias != nullptr && p.valid(c)) ? static_cast<acc_t>(p.bias[c]) : 0;
+      s[j] = shared_scores[i * p.k + j - 1] + b;
+    }
   }
   __syncwarp();
 
@@ -181,7 +152,8 @@ __global__ void __launch_bounds__(kWarpsPerBlock* kWarpSize)
         s[j] = 0;
         continue;
       }
-      const Term<acc_t> term = binary_term(j == 0, binary_logit(opt.objective, s[j], log_q(j), shift));
+      const acc_t logit = binary_logit(opt.objective, s[j], log_q(j), shift);
+      const Term<acc_t> term = binary_term(j == 0, logit);
       partial += term.loss;
       s[j] = term.grad;
     }
@@ -190,20 +162,151 @@ __global__ void __launch_bounds__(kWarpsPerBlock* kWarpSize)
   if (lane == 0) loss[i] = example_loss;
 }
 
-// x @ y accumulated in float32 (float64 for float64). For float16 / bfloat16 y, x (float32
-// coefficients) must be cast to y's dtype for the tensor cores: each row of x is first divided by
-// its largest magnitude, so small coefficients keep their relative precision instead of flushing
-// to zero, and the product's rows are scaled back.
+// ---- Shared negatives: GEMMs ----
+
+// x @ y with a float32 result (float64 for float64). float32 means float32 here: TF32 is off
+// whatever torch.backends.cuda.matmul.allow_tf32 / set_float32_matmul_precision say, as in the
+// per-example kernels. float16 / bfloat16 operands go to the tensor cores as they are.
 at::Tensor matmul_acc(const at::Tensor& x, const at::Tensor& y) {
   const auto dtype = y.scalar_type();
-  if (dtype == at::kFloat || dtype == at::kDouble) return at::mm(x.to(dtype), y);
+  if (dtype == at::kFloat) {
+    const at::NoTF32Guard no_tf32;
+    return at::mm(x, y);
+  }
+  if (dtype == at::kDouble) return at::mm(x, y);
 #if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
-  if (x.scalar_type() == dtype) return at::mm(x, y, at::kFloat);
-  const auto scale = x.abs().amax(1, /*keepdim=*/true).clamp_min(std::numeric_limits<float>::min());
-  return at::mm(x.div(scale).to(dtype), y, at::kFloat).mul_(scale);
+  return at::mm(x, y, at::kFloat);
 #else
   return at::mm(x.to(at::kFloat), y.to(at::kFloat));
 #endif
+}
+
+// Columns of the [N, k] negative coefficients handled by one block of the passes below, and the
+// rows one block walks through.
+constexpr int kTileRows = 64;
+
+inline dim3 coef_tile_grid(int64_t n, int64_t k) {
+  return dim3(static_cast<unsigned>((k + kWarpSize - 1) / kWarpSize),
+              static_cast<unsigned>((n + kTileRows - 1) / kTileRows));
+}
+
+// Magnitudes are non-negative floats, whose bit patterns order like the values: an integer
+// atomicMax is an exact, order-independent float max.
+__device__ __forceinline__ void atomic_max_magnitude(float* address, float value) {
+  atomicMax(reinterpret_cast<int*>(address), __float_as_int(value));
+}
+
+// float16 only (its range is narrow): the largest |grad_loss[i] * coef[i, 1 + j]| of every row and
+// column of the negatives' coefficients. Block = 32 columns x kTileRows rows; a warp takes rows
+// warp, warp + 8, ...
+__global__ void coef_scales_kernel(const float* __restrict__ coef,
+                                   const float* __restrict__ grad_loss, int64_t n, int64_t k, float* __restrict__ row_max,
+                                   float* __restrict__ col_max) {
+  __shared__ float block_col_max[kWarpsPerBlock][kWarpSize];
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kWarpSize + lane;
+  const int64_t i_end = std::min<int64_t>(n, (static_cast<int64_t>(blockIdx.y) + 1) * kTileRows);
+  float my_col_max = 0;
+  for (int64_t i = static_cast<int64_t>(blockIdx.y) * kTileRows + warp; i < i_end;
+       i += kWarpsPerBlock) {
+    const float v = j < k ? fabsf(grad_loss[i] * coef[i * (1 + k) + 1 + j]) : 0.f;
+    my_col_max = fmaxf(my_col_max, v);
+    const float tile_row_max = warp_max(v);
+    if (lane == 0) atomic_max_magnitude(row_max + i, tile_row_max);
+  }
+  block_col_max[warp][lane] = my_col_max;
+  __syncthreads();
+  if (warp == 0 && j < k) {
+    float m = 0;
+#pragma unroll
+    for (int w = 0; w < kWarpsPerBlock; ++w) m = fmaxf(m, block_col_max[w][lane]);
+    atomic_max_magnitude(col_max + j, m);
+  }
+}
+
+// The GEMM operands, in one pass over the coefficients: c_rows[i, j] = grad_loss[i] * coef[i,
+// 1 + j] / row_scale[i] and c_cols[i, j] = the same / col_scale[j], in the GEMM dtype. Without
+// scales (null) the value is only cast, and c_cols may be null (then it equals c_rows).
+template <typename acc_t, typename gemm_t>
+__global__ void gemm_operands_kernel(const acc_t* __restrict__ coef,
+                                     const acc_t* __restrict__ grad_loss, int64_t n, int64_t k,
+                                     const float* __restrict__ row_scale,
+                                     const float* __restrict__ col_scale,
+                                     gemm_t* __restrict__ c_rows, gemm_t* __restrict__ c_cols) {
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kWarpSize + lane;
+  if (j >= k) return;
+  const int64_t i_end = std::min<int64_t>(n, (static_cast<int64_t>(blockIdx.y) + 1) * kTileRows);
+  const float inv_col = col_scale != nullptr ? 1.f / col_scale[j] : 1.f;
+  for (int64_t i = static_cast<int64_t>(blockIdx.y) * kTileRows + warp; i < i_end;
+       i += kWarpsPerBlock) {
+    const acc_t v = grad_loss[i] * coef[i * (1 + k) + 1 + j];
+    if (row_scale == nullptr) {
+      c_rows[i * k + j] = static_cast<gemm_t>(v);
+    } else {
+      c_rows[i * k + j] = static_cast<gemm_t>(static_cast<float>(v) / row_scale[i]);
+      c_cols[i * k + j] = static_cast<gemm_t>(static_cast<float>(v) * inv_col);
+    }
+  }
+}
+
+// dL/dH from the negatives, dL/dW_n and dL/db_n with shared negatives:
+//   hidden_part = diag(row_scale) (C_rows W_n)    [N, D]
+//   rows        = diag(col_scale) (C_cols^T H)     [k, D]
+//   bias        = coef_neg^T grad_loss                 [k]
+// where C = diag(grad_loss) coef_neg. float16 coefficients are scaled per row and per column so
+// that small ones keep their precision instead of flushing to zero; bfloat16 has float32's range
+// and is only cast. Scales are undefined tensors when they are 1.
+struct SharedGrads {
+  at::Tensor hidden_part, row_scale, rows, col_scale, bias;
+};
+
+SharedGrads shared_negative_grads(const at::Tensor& coef, const at::Tensor& grad_loss,
+                                  const at::Tensor& h, const at::Tensor& w, const at::Tensor& neg,
+                                  bool weight_grads) {
+  SharedGrads g;
+  const int64_t n = h.size(0), k = neg.size(0);
+  const auto acc_dtype = coef.scalar_type();
+  const auto gemm_dtype = h.scalar_type();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const dim3 grid = coef_tile_grid(n, k), block(kWarpsPerBlock * kWarpSize);
+  const bool scaled = gemm_dtype == at::kHalf;
+  auto c_rows = at::empty({n, k}, h.options());
+  at::Tensor c_cols;
+  if (scaled && n > 0 && k > 0) {
+    const auto f32 = coef.options().dtype(at::kFloat);
+    g.row_scale = at::zeros({n}, f32);
+    g.col_scale = at::zeros({k}, f32);
+    coef_scales_kernel<<<grid, block, 0, stream>>>(
+        coef.const_data_ptr<float>(), grad_loss.const_data_ptr<float>(), n, k,
+        g.row_scale.mutable_data_ptr<float>(), g.col_scale.mutable_data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    // An all-zero row or column divides by the smallest normal float instead of by zero.
+    g.row_scale.clamp_min_(std::numeric_limits<float>::min());
+    g.col_scale.clamp_min_(std::numeric_limits<float>::min());
+    c_cols = at::empty({n, k}, h.options());
+  }
+  if (n > 0 && k > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gemm_dtype, "gemm_operands", [&] {
+      using acc_t = acc_type<scalar_t>;
+      gemm_operands_kernel<acc_t, scalar_t><<<grid, block, 0, stream>>>(
+          coef.const_data_ptr<acc_t>(), grad_loss.const_data_ptr<acc_t>(), n, k,
+          scaled ? g.row_scale.const_data_ptr<float>() : nullptr,
+          scaled ? g.col_scale.const_data_ptr<float>() : nullptr,
+          c_rows.mutable_data_ptr<scalar_t>(),
+          scaled ? c_cols.mutable_data_ptr<scalar_t>() : nullptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  // Empty operands need no kernel: mm of an empty inner dimension is zeros.
+  g.hidden_part = matmul_acc(c_rows, w.index_select(0, neg)).contiguous();
+  if (weight_grads) {
+    g.rows = matmul_acc((scaled ? c_cols : c_rows).t(), h).contiguous();
+    // A float32 GEMV over the unscaled coefficients: deterministic, and exact in float32.
+    const at::NoTF32Guard no_tf32;
+    g.bias = at::mv(coef.narrow(1, 1, k).t(), grad_loss).contiguous();
+  }
+  return g;
 }
 
 void check_device(const at::Tensor& hidden, const at::Tensor& t, const char* name) {
@@ -227,8 +330,8 @@ std::tuple<at::Tensor, at::Tensor> sampled_loss_forward_cuda(
   const c10::cuda::CUDAGuard guard(hidden.device());
   const bool uses_noise = objective != kNegativeSampling;
 
-  const auto h = hidden.contiguous();
-  const auto w = weight.contiguous();
+  const auto h = rows_of(hidden);
+  const auto w = rows_of(weight);
   const auto b = bias.has_value() ? bias->contiguous() : at::Tensor();
   const auto tgt = target.contiguous();
   const auto neg = negatives.contiguous();
@@ -240,20 +343,15 @@ std::tuple<at::Tensor, at::Tensor> sampled_loss_forward_cuda(
   auto coef = at::empty({n, 1 + k}, h.options().dtype(acc_dtype));
   if (n == 0) return {loss, coef};
 
-  // Shared negatives: one [N, D] x [D, k] GEMM gives every negative score.
+  // Shared negatives: one [N, D] x [D, k] GEMM gives every negative's <h_i, W[n_j]>.
   at::Tensor shared_scores;
-  if (neg.dim() == 1) {
-    shared_scores = matmul_acc(h, w.index_select(0, neg).t());
-    if (b.defined()) shared_scores.add_(b.index_select(0, neg).to(acc_dtype));
-    shared_scores = shared_scores.contiguous();
-  }
+  if (neg.dim() == 1) shared_scores = matmul_acc(h, w.index_select(0, neg).t()).contiguous();
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(),
                                   "sampled_loss_forward_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
     const auto problem = make_problem<scalar_t>(h, w, b, tgt, neg, ignore_index);
-    const int width = vector_width<scalar_t>(h.size(1), {h.const_data_ptr(), w.const_data_ptr()});
-    with_vector_width<scalar_t>(width, [&](auto vec) {
+    with_vector_width<scalar_t>(problem_vector_width<scalar_t>(h, w), [&](auto vec) {
       forward_kernel<scalar_t, decltype(vec)::value>
           <<<warp_grid(n), kWarpsPerBlock * kWarpSize, 0, stream>>>(
               problem, uses_noise ? q.const_data_ptr<float>() : nullptr,
@@ -271,149 +369,71 @@ std::tuple<at::Tensor, at::Tensor> sampled_loss_forward_cuda(
 
 namespace {
 
-// grad_hidden[i] = sum_j c_ij W[c_j] (+ the shared negatives' GEMM rows, precomputed).
+// grad_hidden[i] = sum_j grad_loss[i] coef[i, j] W[c_j] (+ the shared negatives' GEMM row, times
+// its row scale). Lanes load 32 coefficients and classes at a time and pass them round by
+// shuffles, so each is read once per register tile.
 template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(kWarpsPerBlock* kWarpSize)
-    grad_hidden_kernel(const Problem<scalar_t> p, const acc_type<scalar_t>* __restrict__ scaled,
+    grad_hidden_kernel(const Problem<scalar_t> p, const acc_type<scalar_t>* __restrict__ coef,
+                       const acc_type<scalar_t>* __restrict__ grad_loss,
                        const acc_type<scalar_t>* __restrict__ from_shared,
-                       scalar_t* __restrict__ grad_hidden) {
+                       const float* __restrict__ row_scale, scalar_t* __restrict__ grad_hidden) {
   using acc_t = acc_type<scalar_t>;
   const int64_t i = global_warp();
   if (i >= p.n) return;
   const int lane = threadIdx.x % kWarpSize;
-  const acc_t* c = scaled + i * p.columns();
-  const bool ignored = p.ignored(i);
-  const int64_t gathered = p.shared ? 1 : p.columns();
-  for (int64_t v = lane; v < p.dim / VEC; v += kWarpSize) {
-    acc_t acc[VEC];
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) acc[e] = from_shared ? from_shared[i * p.dim + v * VEC + e] : 0;
-    for (int64_t j = 0; j < gathered && !ignored; ++j) {
-      const acc_t cj = c[j];
-      const int64_t row = p.column_class(i, j);
-      if (cj == 0 || !p.valid(row)) continue;
-      acc_t wv[VEC];
-      load_vec<VEC>(p.weight + row * p.dim + v * VEC, wv);
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) acc[e] += cj * wv[e];
-    }
-    store_vec<VEC>(acc, grad_hidden + i * p.dim + v * VEC);
-  }
-}
-
-// grad_weight[c_j] += c_ij h_i by atomics (float32 / float64 only: no rounding per addition).
-template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kWarpsPerBlock* kWarpSize)
-    scatter_atomic_kernel(const Problem<scalar_t> p, const scalar_t* __restrict__ scaled,
-                          scalar_t* __restrict__ grad_weight, scalar_t* __restrict__ grad_bias) {
-  const int64_t i = global_warp();
-  if (i >= p.n || p.ignored(i)) return;
-  const int lane = threadIdx.x % kWarpSize;
-  const scalar_t* c = scaled + i * p.columns();
-  for (int64_t v = lane; v < p.dim / VEC; v += kWarpSize) {
-    scalar_t hv[VEC];
-    load_vec<VEC>(p.hidden + i * p.dim + v * VEC, hv);
-    for (int64_t j = 0; j < p.columns(); ++j) {
-      const int64_t row = p.column_class(i, j);
-      if (c[j] == 0 || !p.valid(row)) continue;
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) atomicAdd(grad_weight + row * p.dim + v * VEC + e, c[j] * hv[e]);
-    }
-  }
-  if (grad_bias == nullptr) return;
-  for (int64_t j = lane; j < p.columns(); j += kWarpSize) {
-    const int64_t row = p.column_class(i, j);
-    if (c[j] != 0 && p.valid(row)) atomicAdd(grad_bias + row, c[j]);
-  }
-}
-
-// Entries are (example, column) pairs, e = i * (1 + k) + j; with shared negatives e < N are the
-// targets and N + j the shared negative j (its gradient row comes from a GEMM). Key = the row an
-// entry adds to, or V for entries that add nothing (ignored examples, dropped hits, bad indices).
-template <typename scalar_t>
-__global__ void entry_keys_kernel(const Problem<scalar_t> p,
-                                  const acc_type<scalar_t>* __restrict__ scaled,
-                                  int64_t num_entries, int32_t* __restrict__ keys,
-                                  int32_t* __restrict__ entries) {
-  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (e >= num_entries) return;
-  int64_t row;
-  if (p.shared && e >= p.n) {
-    row = p.negatives[e - p.n];
-  } else {
-    const int64_t i = p.shared ? e : e / p.columns(), j = p.shared ? 0 : e % p.columns();
-    row = (p.ignored(i) || scaled[i * p.columns() + j] == 0) ? p.num_classes : p.column_class(i, j);
-  }
-  if (row != p.num_classes && !p.valid(row)) row = p.num_classes;
-  keys[e] = static_cast<int32_t>(row);
-  entries[e] = static_cast<int32_t>(e);
-}
-
-// One warp per run of equal keys (one row): sums the row's entries in sorted (= entry) order, so
-// the result does not depend on scheduling. Writes row r to out[r] (dense) or out[run] (compact).
-template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kWarpsPerBlock* kWarpSize)
-    sum_rows_kernel(const Problem<scalar_t> p, const acc_type<scalar_t>* __restrict__ scaled,
-                    const acc_type<scalar_t>* __restrict__ shared_rows,
-                    const acc_type<scalar_t>* __restrict__ shared_bias,
-                    const int32_t* __restrict__ run_keys, const int32_t* __restrict__ run_lengths,
-                    const int32_t* __restrict__ run_starts, const int32_t* __restrict__ num_runs,
-                    const int32_t* __restrict__ sorted_entries, bool compact,
-                    scalar_t* __restrict__ grad_weight, scalar_t* __restrict__ grad_bias) {
-  using acc_t = acc_type<scalar_t>;
-  const int64_t run = global_warp();
-  if (run >= *num_runs) return;
-  const int64_t row = run_keys[run];
-  if (row >= p.num_classes) return;
-  const int lane = threadIdx.x % kWarpSize;
-  const int64_t out = compact ? run : row;
-  const int32_t* entries = sorted_entries + run_starts[run];
-  const int32_t count = run_lengths[run];
   const int64_t cols = p.columns();
-  for (int64_t v = lane; v < p.dim / VEC; v += kWarpSize) {
-    acc_t acc[VEC] = {};
-    for (int32_t m = 0; m < count; ++m) {
-      const int64_t e = entries[m];
-      if (p.shared && e >= p.n) {
-        const acc_t* g = shared_rows + (e - p.n) * p.dim + v * VEC;
-#pragma unroll
-        for (int x = 0; x < VEC; ++x) acc[x] += g[x];
-        continue;
+  const bool ignored = p.ignored(i);
+  const acc_t g = grad_loss[i];
+  const int64_t gathered = ignored ? 0 : (p.shared ? 1 : cols);
+  const acc_t shared_factor = row_scale != nullptr ? static_cast<acc_t>(row_scale[i]) : acc_t(1);
+  const auto terms = [&](const auto& add) {
+    if (from_shared != nullptr) add(shared_factor, from_shared + i * p.dim, p.dim % VEC == 0);
+    for (int64_t j0 = 0; j0 < gathered; j0 += kWarpSize) {
+      const int64_t j = j0 + lane;
+      acc_t my_c = 0;
+      int64_t my_row = 0;
+      if (j < gathered) {
+        const int64_t c = p.column_class(i, j);
+        my_c = g * coef[i * cols + j];
+        if (my_c != 0 && p.valid(c)) {
+          my_row = c;
+        } else {
+          my_c = 0;
+        }
       }
-      const int64_t i = p.shared ? e : e / cols;
-      const acc_t c = scaled[p.shared ? e * cols : e];
-      acc_t hv[VEC];
-      load_vec<VEC>(p.hidden + i * p.dim + v * VEC, hv);
-#pragma unroll
-      for (int x = 0; x < VEC; ++x) acc[x] += c * hv[x];
+      const int count = static_cast<int>(std::min<int64_t>(kWarpSize, gathered - j0));
+      for (int m = 0; m < count; ++m) {
+        const acc_t c = __shfl_sync(kFullMask, my_c, m);
+        const int64_t row = __shfl_sync(kFullMask, my_row, m);
+        add(c, p.weight_row(row), true);
+      }
     }
-    store_vec<VEC>(acc, grad_weight + out * p.dim + v * VEC);
-  }
-  if (grad_bias == nullptr) return;
-  acc_t bias_acc = 0;
-  for (int32_t m = lane; m < count; m += kWarpSize) {
-    const int64_t e = entries[m];
-    bias_acc += (p.shared && e >= p.n) ? shared_bias[e - p.n] : scaled[p.shared ? e * cols : e];
-  }
-  bias_acc = warp_sum(bias_acc);
-  if (lane == 0) grad_bias[out] = static_cast<scalar_t>(bias_acc);
+  };
+  scalar_t* out = grad_hidden + i * p.dim;
+  sum_row_terms<VEC, acc_t>(
+      p.dim, lane, terms, [&](const acc_t(&acc)[VEC], int64_t d) { store_vec<VEC>(acc, out + d); },
+      [&](acc_t value, int64_t d) { out[d] = static_cast<scalar_t>(value); });
 }
 
-int end_bit_for(int64_t max_key) {
-  int bits = 1;
-  while ((int64_t{1} << bits) <= max_key) ++bits;
-  return bits;
-}
+// What a backward computes besides grad_hidden: the dense [V, D] / [V] gradients, only the touched
+// rows (ascending), or nothing (a frozen output layer).
+enum class WeightGrad { kDense, kRows, kNone };
 
-// Both backward ops: dense [V, D] / [V] gradients, or (compact) only the touched rows, ascending.
 struct Gradients {
   at::Tensor hidden, rows, weight, bias;
 };
 
+bool stream_is_capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
+  return status != cudaStreamCaptureStatusNone;
+}
+
 Gradients backward_cuda(const at::Tensor& grad_loss, const at::Tensor& coef,
                         const at::Tensor& hidden, const at::Tensor& weight, bool has_bias,
                         const at::Tensor& target, const at::Tensor& negatives,
-                        int64_t ignore_index, bool compact) {
+                        int64_t ignore_index, WeightGrad mode) {
   // The GEMMs below are part of the kernel: an enclosing autocast region must not recast them.
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   check_shapes(hidden, weight, std::nullopt, target, negatives);
@@ -426,33 +446,30 @@ Gradients backward_cuda(const at::Tensor& grad_loss, const at::Tensor& coef,
   TORCH_CHECK_VALUE(coef.dim() == 2 && coef.size(0) == n && coef.size(1) == 1 + k,
                     "coef must be [N, 1 + k]");
   const c10::cuda::CUDAGuard guard(hidden.device());
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  TORCH_CHECK(mode != WeightGrad::kRows || !stream_is_capturing(stream),
+              "sparse_grad=True cannot run inside a CUDA graph capture: the number of touched "
+              "rows sizes its output and is known only on the device. Capture the step with "
+              "sparse_grad=False (a dense gradient), or run it eagerly");
   const auto acc_dtype = hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const auto h = hidden.contiguous();
-  const auto w = weight.contiguous();
+  const auto h = rows_of(hidden);
+  const auto w = rows_of(weight);
   const auto tgt = target.contiguous();
   const auto neg = negatives.contiguous();
+  // The kernels scale coef[i, :] by grad_loss[i] as they read it: no [N, 1 + k] temporary.
+  const auto cf = coef.to(acc_dtype).contiguous();
+  const auto gl = grad_loss.to(acc_dtype).contiguous();
   const bool shared = neg.dim() == 1;
-  // Per-entry coefficients grad_loss[i] * dloss_i/ds_ij, [N, 1 + k].
-  const auto scaled = (coef.to(acc_dtype) * grad_loss.to(acc_dtype).unsqueeze(1)).contiguous();
-  const int64_t num_entries = shared ? n + k : n * (1 + k);
 
   Gradients g;
-  g.hidden = at::empty_like(h);
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  const bool atomic = !compact && !shared && !at::globalContext().deterministicAlgorithms() &&
-                      (h.scalar_type() == at::kFloat || h.scalar_type() == at::kDouble);
-  // The sorted path keys rows and entries with int32.
-  TORCH_CHECK_VALUE(atomic || (num_classes < std::numeric_limits<int32_t>::max() &&
-                               num_entries < std::numeric_limits<int32_t>::max()),
-                    "at most 2^31 - 2 classes and entries (N * (1 + k)) are supported on CUDA "
-                    "with float16 / bfloat16, shared negatives or deterministic algorithms");
-  if (!compact) {
+  g.hidden = at::empty({n, dim}, h.options());
+  if (mode == WeightGrad::kDense) {
     g.rows = at::empty({0}, tgt.options());
-    g.weight = at::zeros_like(w);
+    g.weight = at::zeros({num_classes, dim}, w.options());
     g.bias = at::zeros({has_bias ? num_classes : 0}, w.options());
   }
-  if (num_entries == 0 || (n == 0 && !shared)) {
-    if (compact) {
+  if (n == 0 && (!shared || mode == WeightGrad::kNone || k == 0)) {
+    if (mode == WeightGrad::kRows) {
       g.rows = at::empty({0}, tgt.options());
       g.weight = at::empty({0, dim}, w.options());
       g.bias = at::empty({0}, w.options());
@@ -461,108 +478,39 @@ Gradients backward_cuda(const at::Tensor& grad_loss, const at::Tensor& coef,
   }
 
   // Shared negatives: dL/dH = C_neg W_n and dL/dW_n = C_neg^T H are two GEMMs.
-  at::Tensor from_shared, shared_rows, shared_bias;
-  if (shared) {
-    const auto c_neg = scaled.narrow(1, 1, k);
-    from_shared = matmul_acc(c_neg, w.index_select(0, neg)).contiguous();
-    shared_rows = matmul_acc(c_neg.t(), h).contiguous();
-    shared_bias = c_neg.sum(0).contiguous();
-  }
+  SharedGrads sg;
+  if (shared) sg = shared_negative_grads(cf, gl, h, w, neg, mode != WeightGrad::kNone);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(),
-                                  "sampled_loss_backward_cuda", [&] {
-    using acc_t = acc_type<scalar_t>;
-    const auto problem = make_problem<scalar_t>(h, w, at::Tensor(), tgt, neg, ignore_index);
-    const int width = vector_width<scalar_t>(
-        dim, {h.const_data_ptr(), w.const_data_ptr(), g.hidden.const_data_ptr()});
-    with_vector_width<scalar_t>(width, [&](auto vec) {
-      constexpr int VEC = decltype(vec)::value;
-      if (n > 0) {
-        grad_hidden_kernel<scalar_t, VEC><<<warp_grid(n), kWarpsPerBlock * kWarpSize, 0, stream>>>(
-            problem, scaled.const_data_ptr<acc_t>(),
-            shared ? from_shared.const_data_ptr<acc_t>() : nullptr,
-            g.hidden.mutable_data_ptr<scalar_t>());
+  if (n > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(),
+                                    "sampled_loss_backward_cuda", [&] {
+      using acc_t = acc_type<scalar_t>;
+      const auto problem = make_problem<scalar_t>(h, w, at::Tensor(), tgt, neg, ignore_index);
+      // grad_hidden rows are written with the same vectors: D must allow them too.
+      with_vector_width<scalar_t>(problem_vector_width<scalar_t>(h, w, dim), [&](auto vec) {
+        grad_hidden_kernel<scalar_t, decltype(vec)::value>
+            <<<warp_grid(n), kWarpsPerBlock * kWarpSize, 0, stream>>>(
+                problem, cf.const_data_ptr<acc_t>(), gl.const_data_ptr<acc_t>(),
+                shared ? sg.hidden_part.const_data_ptr<acc_t>() : nullptr,
+                sg.row_scale.defined() ? sg.row_scale.const_data_ptr<float>() : nullptr,
+                g.hidden.mutable_data_ptr<scalar_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-      }
-      if (atomic) {
-        if constexpr (std::is_same_v<scalar_t, acc_t>) {
-          scatter_atomic_kernel<scalar_t, VEC>
-              <<<warp_grid(n), kWarpsPerBlock * kWarpSize, 0, stream>>>(
-                  problem, scaled.const_data_ptr<scalar_t>(), g.weight.mutable_data_ptr<scalar_t>(),
-                  has_bias ? g.bias.mutable_data_ptr<scalar_t>() : nullptr);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        }
-        return;
-      }
-
-      // Sort the entries by row, then one warp sums each row in entry order.
-      const auto int_opts = tgt.options().dtype(at::kInt);
-      auto keys = at::empty({num_entries}, int_opts), entries = at::empty({num_entries}, int_opts);
-      auto sorted_keys = at::empty_like(keys), sorted_entries = at::empty_like(entries);
-      auto run_keys = at::empty_like(keys), run_starts = at::empty_like(keys);
-      auto run_lengths = at::zeros_like(keys), num_runs = at::zeros({1}, int_opts);
-      constexpr int kThreads = 256;
-      entry_keys_kernel<scalar_t>
-          <<<(num_entries + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
-              problem, scaled.const_data_ptr<acc_t>(), num_entries, keys.mutable_data_ptr<int32_t>(),
-              entries.mutable_data_ptr<int32_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      const int n_items = static_cast<int>(num_entries);
-      size_t bytes = 0;
-      C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
-          nullptr, bytes, keys.const_data_ptr<int32_t>(), sorted_keys.mutable_data_ptr<int32_t>(),
-          entries.const_data_ptr<int32_t>(), sorted_entries.mutable_data_ptr<int32_t>(), n_items,
-          0, end_bit_for(num_classes), stream));
-      auto temp = scratch_bytes(bytes, keys);
-      C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
-          temp.data_ptr(), bytes, keys.const_data_ptr<int32_t>(),
-          sorted_keys.mutable_data_ptr<int32_t>(), entries.const_data_ptr<int32_t>(),
-          sorted_entries.mutable_data_ptr<int32_t>(), n_items, 0, end_bit_for(num_classes),
-          stream));
-      bytes = 0;
-      C10_CUDA_CHECK(cub::DeviceRunLengthEncode::Encode(
-          nullptr, bytes, sorted_keys.const_data_ptr<int32_t>(), run_keys.mutable_data_ptr<int32_t>(),
-          run_lengths.mutable_data_ptr<int32_t>(), num_runs.mutable_data_ptr<int32_t>(), n_items,
-          stream));
-      temp = scratch_bytes(bytes, keys);
-      C10_CUDA_CHECK(cub::DeviceRunLengthEncode::Encode(
-          temp.data_ptr(), bytes, sorted_keys.const_data_ptr<int32_t>(),
-          run_keys.mutable_data_ptr<int32_t>(), run_lengths.mutable_data_ptr<int32_t>(),
-          num_runs.mutable_data_ptr<int32_t>(), n_items, stream));
-      bytes = 0;
-      C10_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(nullptr, bytes,
-                                                   run_lengths.const_data_ptr<int32_t>(),
-                                                   run_starts.mutable_data_ptr<int32_t>(), n_items,
-                                                   stream));
-      temp = scratch_bytes(bytes, keys);
-      C10_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(temp.data_ptr(), bytes,
-                                                   run_lengths.const_data_ptr<int32_t>(),
-                                                   run_starts.mutable_data_ptr<int32_t>(), n_items,
-                                                   stream));
-
-      if (compact) {
-        // The number of touched rows sizes the outputs: the one place this path waits.
-        const int64_t runs = num_runs.item<int32_t>();
-        const bool has_dropped =
-            runs > 0 && run_keys[runs - 1].item<int32_t>() == static_cast<int32_t>(num_classes);
-        const int64_t touched = runs - (has_dropped ? 1 : 0);
-        g.rows = run_keys.narrow(0, 0, touched).to(at::kLong);
-        g.weight = at::empty({touched, dim}, w.options());
-        g.bias = at::empty({has_bias ? touched : 0}, w.options());
-      }
-      sum_rows_kernel<scalar_t, VEC>
-          <<<warp_grid(num_entries), kWarpsPerBlock * kWarpSize, 0, stream>>>(
-              problem, scaled.const_data_ptr<acc_t>(),
-              shared ? shared_rows.const_data_ptr<acc_t>() : nullptr,
-              shared ? shared_bias.const_data_ptr<acc_t>() : nullptr,
-              run_keys.const_data_ptr<int32_t>(), run_lengths.const_data_ptr<int32_t>(),
-              run_starts.const_data_ptr<int32_t>(), num_runs.const_data_ptr<int32_t>(),
-              sorted_entries.const_data_ptr<int32_t>(), compact,
-              g.weight.mutable_data_ptr<scalar_t>(),
-              has_bias ? g.bias.mutable_data_ptr<scalar_t>() : nullptr);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
-  });
+  }
+  if (mode == WeightGrad::kNone) return g;
+
+  const ScatterInputs in{h,       w,       tgt,          neg,         cf,       gl, sg.rows,
+                         sg.col_scale, sg.bias, ignore_index, has_bias};
+  const bool atomic = mode == WeightGrad::kDense && !shared &&
+                      !at::globalContext().deterministicAlgorithms() &&
+                      (h.scalar_type() == at::kFloat || h.scalar_type() == at::kDouble);
+  if (atomic) {
+    scatter_atomic(in, g.weight, g.bias);
+  } else {
+    std::tie(g.rows, g.weight, g.bias) =
+        scatter_sorted(in, mode == WeightGrad::kRows, g.weight, g.bias);
+  }
   return g;
 }
 
@@ -573,7 +521,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sampled_loss_backward_cuda(
     const at::Tensor& weight, bool has_bias, const at::Tensor& target,
     const at::Tensor& negatives, int64_t ignore_index) {
   auto g = backward_cuda(grad_loss, coef, hidden, weight, has_bias, target, negatives,
-                         ignore_index, /*compact=*/false);
+                         ignore_index, WeightGrad::kDense);
   return {g.hidden, g.weight, g.bias};
 }
 
@@ -582,14 +530,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sampled_loss_backward
     const at::Tensor& weight, bool has_bias, const at::Tensor& target,
     const at::Tensor& negatives, int64_t ignore_index) {
   auto g = backward_cuda(grad_loss, coef, hidden, weight, has_bias, target, negatives,
-                         ignore_index, /*compact=*/true);
+                         ignore_index, WeightGrad::kRows);
   return {g.hidden, g.rows, g.weight, g.bias};
+}
+
+at::Tensor sampled_loss_backward_hidden_cuda(const at::Tensor& grad_loss, const at::Tensor& coef,
+                                             const at::Tensor& hidden, const at::Tensor& weight,
+                                             const at::Tensor& target,
+                                             const at::Tensor& negatives, int64_t ignore_index) {
+  return backward_cuda(grad_loss, coef, hidden, weight, false, target, negatives, ignore_index,
+                       WeightGrad::kNone)
+      .hidden;
 }
 
 TORCH_LIBRARY_IMPL(fused_nce, CUDA, m) {
   m.impl("sampled_loss_forward", &sampled_loss_forward_cuda);
   m.impl("sampled_loss_backward", &sampled_loss_backward_cuda);
   m.impl("sampled_loss_backward_rows", &sampled_loss_backward_rows_cuda);
+  m.impl("sampled_loss_backward_hidden", &sampled_loss_backward_hidden_cuda);
   m.impl("alias_build", &alias_build_cuda);
   m.impl("alias_sample", &alias_sample_cuda);
 }

@@ -48,6 +48,12 @@ def _(grad_loss: Tensor, coef: Tensor, hidden: Tensor, weight: Tensor, has_bias:
     return torch.empty_like(hidden), rows, weight.new_empty((num_rows, weight.shape[1])), grad_bias
 
 
+@torch.library.register_fake("fused_nce::sampled_loss_backward_hidden")
+def _(grad_loss: Tensor, coef: Tensor, hidden: Tensor, weight: Tensor, target: Tensor,
+      negatives: Tensor, ignore_index: int) -> Tensor:
+    return hidden.new_empty(hidden.shape)
+
+
 @torch.library.register_fake("fused_nce::alias_build")
 def _(weights: Tensor) -> Tensor:
     return weights.new_empty(weights.shape, dtype=torch.int64)
@@ -98,20 +104,23 @@ class SampledLossFunction(torch.autograd.Function):
             grad_loss = torch.zeros_like(coef[:, 0])
         grad_loss = grad_loss.contiguous()
         grad_hidden = grad_weight = grad_bias = grad_log_z = None
-        args = (grad_loss, coef, hidden, weight, ctx.has_bias, target, negatives, ctx.ignore_index)
         if any(ctx.needs_input_grad[:3]):
-            # A frozen output layer needs no [V, D] gradient: the touched rows cost far less.
-            frozen = not (ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
             with torch.autocast(hidden.device.type, enabled=False):
-                if ctx.sparse_grad or frozen:
-                    grad_hidden, rows, weight_rows, bias_rows = (
-                        ops.sampled_loss_backward_rows(*args))
-                    if not frozen:
-                        grad_weight = _rows_to_sparse(rows, weight_rows, weight.shape)
-                        if ctx.has_bias:
-                            grad_bias = _rows_to_sparse(rows, bias_rows, weight.shape[:1])
+                if not (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
+                    # A frozen output layer: grad_hidden alone, no weight rows at all.
+                    grad_hidden = ops.sampled_loss_backward_hidden(
+                        grad_loss, coef, hidden, weight, target, negatives, ctx.ignore_index)
+                elif ctx.sparse_grad:
+                    grad_hidden, rows, weight_rows, bias_rows = ops.sampled_loss_backward_rows(
+                        grad_loss, coef, hidden, weight, ctx.has_bias, target, negatives,
+                        ctx.ignore_index)
+                    grad_weight = _rows_to_sparse(rows, weight_rows, weight.shape)
+                    if ctx.has_bias:
+                        grad_bias = _rows_to_sparse(rows, bias_rows, weight.shape[:1])
                 else:
-                    grad_hidden, grad_weight, grad_bias = ops.sampled_loss_backward(*args)
+                    grad_hidden, grad_weight, grad_bias = ops.sampled_loss_backward(
+                        grad_loss, coef, hidden, weight, ctx.has_bias, target, negatives,
+                        ctx.ignore_index)
             if not ctx.has_bias:
                 grad_bias = None
         if ctx.needs_input_grad[6] and ctx.objective == NCE:

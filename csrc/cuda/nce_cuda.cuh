@@ -1,0 +1,164 @@
+// What the loss kernels (nce_cuda.cu) and the weight-gradient scatter (nce_scatter_cuda.cu) share:
+// the description of one call, a lane's register tile over a row, and the scatter entry points.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "cuda_common.cuh"
+
+namespace fused_nce {
+namespace cuda {
+
+// Everything a kernel needs to know about one call. `negatives` is [N, k] or, when shared, [k].
+// Rows of hidden and weight have unit stride along D and any row stride (a sliced weight is read
+// in place, never copied).
+template <typename scalar_t>
+struct Problem {
+  const scalar_t* hidden;
+  const scalar_t* weight;
+  const scalar_t* bias;  // null without bias
+  const int64_t* target;
+  const int64_t* negatives;
+  int64_t n, dim, k, num_classes, ignore_index, hidden_stride, weight_stride;
+  bool shared;
+
+  __device__ __forceinline__ int64_t columns() const { return 1 + k; }
+  // Class of column j of example i: 0 is the target, 1..k the negatives.
+  __device__ __forceinline__ int64_t column_class(int64_t i, int64_t j) const {
+    if (j == 0) return target[i];
+    return shared ? negatives[j - 1] : negatives[i * k + j - 1];
+  }
+  __device__ __forceinline__ bool ignored(int64_t i) const { return target[i] == ignore_index; }
+  // A class index out of range is reported and then never used as an address.
+  __device__ __forceinline__ bool valid(int64_t c) const {
+    const bool ok = c >= 0 && c < num_classes;
+    CUDA_KERNEL_ASSERT(ok && "fused_nce: class index outside [0, V)");
+    return ok;
+  }
+  __device__ __forceinline__ const scalar_t* hidden_row(int64_t i) const {
+    return hidden + i * hidden_stride;
+  }
+  __device__ __forceinline__ const scalar_t* weight_row(int64_t c) const {
+    return weight + c * weight_stride;
+  }
+};
+
+// Rows with unit stride along D are read in place; anything else is made contiguous.
+inline at::Tensor rows_of(const at::Tensor& t) {
+  return (t.dim() == 2 && (t.stride(1) == 1 || t.size(1) <= 1)) ? t : t.contiguous();
+}
+
+template <typename scalar_t>
+Problem<scalar_t> make_problem(const at::Tensor& h, const at::Tensor& w, const at::Tensor& b,
+                               const at::Tensor& tgt, const at::Tensor& neg,
+                               int64_t ignore_index) {
+  return Problem<scalar_t>{h.const_data_ptr<scalar_t>(),
+                           w.const_data_ptr<scalar_t>(),
+                           b.defined() ? b.const_data_ptr<scalar_t>() : nullptr,
+                           tgt.const_data_ptr<int64_t>(),
+                           neg.const_data_ptr<int64_t>(),
+                           h.size(0),
+                           h.size(1),
+                           neg.size(-1),
+                           w.size(0),
+                           ignore_index,
+                           h.stride(0),
+                           w.stride(0),
+                           neg.dim() == 1};
+}
+
+// Widest vector for hidden and weight rows (their bases and row strides) and, where rows of D
+// elements are written (gradients), for rows of `out_stride` elements.
+template <typename scalar_t>
+int problem_vector_width(const at::Tensor& h, const at::Tensor& w, int64_t out_stride = 0) {
+  return vector_width<scalar_t>({h.const_data_ptr(), w.const_data_ptr()},
+                                {h.stride(0), w.stride(0), out_stride});
+}
+
+// VEC elements of a row as acc_t: one vector load when `aligned`, else one element at a time
+// (float32 / float64 work rows such as GEMM outputs, whose row length need not be a multiple of
+// VEC).
+template <int VEC, typename acc_t, typename T>
+__device__ __forceinline__ void load_vec_if(const T* p, bool aligned, acc_t (&out)[VEC]) {
+  if (aligned) {
+    load_vec<VEC>(p, out);
+  } else {
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) out[e] = static_cast<acc_t>(p[e]);
+  }
+}
+
+// Sums terms c * row over a warp, a register tile at a time: each lane keeps up to kTileVecs
+// vectors of the result in registers, so each term's coefficient and row address are read once
+// per tile, and the kTileVecs loads of a term are independent (in flight together).
+// `terms(add)` must call `add(c, row, aligned)` for every term, in the same order on every lane
+// (rows of scalar_t or acc_t; `aligned`: the row allows VEC-wide loads; a zero c skips the
+// loads). `store(acc, offset)` writes VEC results at element `offset`; the last dim % VEC
+// elements go through `store_one(value, offset)`.
+template <int VEC, typename acc_t, typename Terms, typename Store, typename StoreOne>
+__device__ __forceinline__ void sum_row_terms(int64_t dim, int lane, const Terms& terms,
+                                              const Store& store, const StoreOne& store_one) {
+  const int64_t num_vecs = dim / VEC;
+  for (int64_t v0 = 0; v0 < num_vecs; v0 += kWarpSize * kTileVecs) {
+    acc_t acc[kTileVecs][VEC];
+#pragma unroll
+    for (int u = 0; u < kTileVecs; ++u) {
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) acc[u][e] = 0;
+    }
+    terms([&](acc_t c, const auto* row, bool aligned) {
+      if (c == 0) return;
+#pragma unroll
+      for (int u = 0; u < kTileVecs; ++u) {
+        const int64_t v = v0 + lane + u * kWarpSize;
+        if (v >= num_vecs) break;
+        acc_t x[VEC];
+        load_vec_if<VEC>(row + v * VEC, aligned, x);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) acc[u][e] += c * x[e];
+      }
+    });
+#pragma unroll
+    for (int u = 0; u < kTileVecs; ++u) {
+      const int64_t v = v0 + lane + u * kWarpSize;
+      if (v < num_vecs) store(acc[u], v * VEC);
+    }
+  }
+  // The tail: fewer than VEC <= 16 elements, at most one per lane.
+  const int64_t d = num_vecs * VEC + lane;
+  if (num_vecs * VEC < dim) {
+    acc_t acc = 0;
+    terms([&](acc_t c, const auto* row, bool) {
+      if (c != 0 && d < dim) acc += c * static_cast<acc_t>(row[d]);
+    });
+    if (d < dim) store_one(acc, d);
+  }
+}
+
+// ---- The weight-gradient scatter (nce_scatter_cuda.cu) ----
+
+// Inputs of the scatter, as backward prepared them: hidden / weight with unit stride along D,
+// contiguous indices, coef [N, 1 + k] and grad_loss [N] in the accumulation dtype. With shared
+// negatives, `shared_rows` [k, D] (float32 / float64) holds each negative's gradient row up to the
+// factor `col_scale` [k] (undefined: 1) and `shared_bias` [k] its bias gradient.
+struct ScatterInputs {
+  at::Tensor hidden, weight, target, negatives, coef, grad_loss;
+  at::Tensor shared_rows, col_scale, shared_bias;
+  int64_t ignore_index;
+  bool has_bias;
+};
+
+// Adds every entry into zero-filled dense grad_weight [V, D] / grad_bias [V] by atomics
+// (float32 / float64, per-example negatives).
+void scatter_atomic(const ScatterInputs& in, at::Tensor& grad_weight, at::Tensor& grad_bias);
+
+// Sums each touched row's entries in a fixed order (bitwise reproducible). Dense: writes the
+// touched rows of zero-filled grad_weight / grad_bias. Compact: returns (rows ascending,
+// grad_weight[rows], grad_bias[rows]).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> scatter_sorted(const ScatterInputs& in,
+                                                              bool compact,
+                                                              at::Tensor grad_weight,
+                                                              at::Tensor grad_bias);
+
+}  // namespace cuda
+}  // namespace fused_nce
