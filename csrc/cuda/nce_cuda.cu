@@ -460,6 +460,12 @@ Gradients backward_cuda(const at::Tensor& grad_loss, const at::Tensor& coef,
   const auto cf = coef.to(acc_dtype).contiguous();
   const auto gl = grad_loss.to(acc_dtype).contiguous();
   const bool shared = neg.dim() == 1;
+  const bool atomic = mode == WeightGrad::kDense && !shared &&
+                      !at::globalContext().deterministicAlgorithms() &&
+                      (h.scalar_type() == at::kFloat || h.scalar_type() == at::kDouble);
+  if (mode != WeightGrad::kNone && !atomic) {
+    check_sorted_limits(num_classes, shared ? n + k : n * (1 + k));
+  }
 
   Gradients g;
   g.hidden = at::empty({n, dim}, h.options());
@@ -502,9 +508,6 @@ Gradients backward_cuda(const at::Tensor& grad_loss, const at::Tensor& coef,
 
   const ScatterInputs in{h,       w,       tgt,          neg,         cf,       gl, sg.rows,
                          sg.col_scale, sg.bias, ignore_index, has_bias};
-  const bool atomic = mode == WeightGrad::kDense && !shared &&
-                      !at::globalContext().deterministicAlgorithms() &&
-                      (h.scalar_type() == at::kFloat || h.scalar_type() == at::kDouble);
   if (atomic) {
     scatter_atomic(in, g.weight, g.bias);
   } else {

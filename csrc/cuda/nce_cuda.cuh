@@ -4,6 +4,8 @@
 
 #include <ATen/ATen.h>
 
+#include <limits>
+
 #include "cuda_common.cuh"
 
 namespace fused_nce {
@@ -147,6 +149,16 @@ struct ScatterInputs {
   int64_t ignore_index;
   bool has_bias;
 };
+
+// The sorted scatter keys rows and entries with int32 (chunk and run counts stay below
+// num_entries + num_entries / 256 + 1): checked before any work.
+inline void check_sorted_limits(int64_t num_classes, int64_t num_entries) {
+  TORCH_CHECK_VALUE(num_classes < std::numeric_limits<int32_t>::max() &&
+                        num_entries < std::numeric_limits<int32_t>::max() / 2,
+                    "at most 2^31 - 2 classes and 2^30 entries (N * (1 + k)) are supported on "
+                    "CUDA with float16 / bfloat16, shared negatives, deterministic algorithms or "
+                    "sparse_grad; got V = ", num_classes, " and ", num_entries, " entries");
+}
 
 // Adds every entry into zero-filled dense grad_weight [V, D] / grad_bias [V] by atomics
 // (float32 / float64, per-example negatives).

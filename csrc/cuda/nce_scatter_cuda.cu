@@ -370,12 +370,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scatter_sorted(const ScatterInput
   const int64_t num_classes = in.weight.size(0);
   const bool shared = in.negatives.dim() == 1;
   const int64_t num_entries = shared ? n + k : n * (1 + k);
-  // Chunk and run counts stay below num_entries + num_entries / kChunk + 1.
-  TORCH_CHECK_VALUE(num_classes < std::numeric_limits<int32_t>::max() &&
-                        num_entries < std::numeric_limits<int32_t>::max() / 2,
-                    "at most 2^31 - 2 classes and 2^30 entries (N * (1 + k)) are supported on "
-                    "CUDA with float16 / bfloat16, shared negatives, deterministic algorithms or "
-                    "sparse_grad");
+  check_sorted_limits(num_classes, num_entries);
   const auto index_opts = in.target.options();
   if (num_entries == 0) {
     if (compact) {

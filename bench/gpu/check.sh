@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# One run on a GPU machine (Hopper, torch with CUDA, no network): build for sm_90, the CUDA tests,
+# compute-sanitizer over every path, the benchmark at the target shapes. Everything goes to OUTDIR
+# (logs, CSVs). Usage: bench/gpu/check.sh OUTDIR [quick]
+set -uo pipefail
+out=${1:?usage: bench/gpu/check.sh OUTDIR [quick]}
+quick=${2:-}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 CUBLAS_WORKSPACE_CONFIG=:4096:8
+py=${PYTHON:-python3}
+cd "$(dirname "$0")/../.."
+log() { echo "== $(date -u +%T) $*" | tee -a "$out/check.log"; }
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  "$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; } \
+  | tee "$out/device.txt"
+
+log "build (sm_90, 16 jobs)"
+export TORCH_CUDA_ARCH_LIST=9.0 CMAKE_BUILD_PARALLEL_LEVEL=16
+if ! "$py" -m pip install -q --no-build-isolation --no-deps \
+     -C cmake.define.FUSED_NCE_CUDA=ON -C cmake.define.CMAKE_CUDA_ARCHITECTURES=90 . \
+     > "$out/build.log" 2>&1; then
+  tail -40 "$out/build.log"; log "build failed"; exit 1
+fi
+"$py" -c "import torch, fused_nce; torch.ops.fused_nce.sampled_loss_forward.default" || exit 1
+
+log "CUDA tests (stop at the first failure)"
+timeout 240 "$py" -m pytest -x -q -p no:cacheprovider tests/test_cuda.py tests/test_cuda_graphs.py \
+  tests/test_inputs.py tests/test_sparse.py -k "cuda" 2>&1 | tee "$out/tests.log" | tail -30
+tests_rc=${PIPESTATUS[0]}
+log "tests rc=$tests_rc"
+
+log "compute-sanitizer memcheck"
+timeout 150 compute-sanitizer --tool memcheck --error-exitcode 9 \
+  "$py" bench/gpu/sanitize_driver.py > "$out/memcheck.log" 2>&1
+log "memcheck rc=$? ($(grep -c 'Invalid\|ERROR' "$out/memcheck.log") error lines)"
+tail -3 "$out/memcheck.log"
+if [ -z "$quick" ]; then
+  log "compute-sanitizer racecheck"
+  timeout 150 compute-sanitizer --tool racecheck --error-exitcode 9 \
+    "$py" bench/gpu/sanitize_driver.py > "$out/racecheck.log" 2>&1
+  log "racecheck rc=$? ($(grep -c 'hazard' "$out/racecheck.log") hazard lines)"
+  tail -3 "$out/racecheck.log"
+fi
+
+log "benchmark: N=8192 D=1024 k=64 V=1e6 bfloat16 (per-example)"
+timeout 120 "$py" bench/bench_losses.py --n 8192 --dim 1024 --k 64 --num-classes 1000000 \
+  --dtype bfloat16 --modes per_example --objectives nce --repeats 20 \
+  --csv "$out/bench_per_example.csv" 2>&1 | tee "$out/bench_per_example.log" | tail -12
+log "benchmark: shared negatives k=1024"
+timeout 90 "$py" bench/bench_losses.py --n 8192 --dim 1024 --k 1024 --num-classes 1000000 \
+  --dtype bfloat16 --modes shared --objectives nce sampled_softmax --repeats 20 \
+  --no-full-softmax --csv "$out/bench_shared.csv" 2>&1 | tee "$out/bench_shared.log" | tail -10
+log "done"
