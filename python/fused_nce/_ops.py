@@ -71,29 +71,24 @@ class SampledLossFunction(torch.autograd.Function):
     hold only the touched rows.
     """
 
+    # forward(ctx, ...) rather than a separate setup_context: Function.apply then skips binding
+    # the arguments to forward's signature on every call (inspect, ~30 us a call). The kernels
+    # exclude autocast themselves, so no autocast region is entered here either.
     @staticmethod
-    def forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+    def forward(ctx: Any, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
                 negatives: Tensor, noise_probs: Optional[Tensor], log_z: Tensor,
                 objective: int, remove_accidental_hits: bool, ignore_index: int,
                 sparse_grad: bool) -> Tuple[Tensor, Tensor]:
-        # The kernels' own float32 GEMMs must not be recast by an enclosing autocast region.
-        with torch.autocast(hidden.device.type, enabled=False):
-            outputs: Tuple[Tensor, Tensor] = ops.sampled_loss_forward(
-                hidden, weight, bias, target, negatives, noise_probs, log_z, objective,
-                remove_accidental_hits, ignore_index)
-        return outputs
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: Sequence[Any], output: Tuple[Tensor, Tensor]) -> None:
-        hidden, weight, bias, target, negatives = inputs[:5]
-        objective, ignore_index, sparse_grad = inputs[7], inputs[9], inputs[10]
-        _, coef = output
+        loss, coef = ops.sampled_loss_forward(
+            hidden, weight, bias, target, negatives, noise_probs, log_z, objective,
+            remove_accidental_hits, ignore_index)
         ctx.mark_non_differentiable(coef)
         ctx.save_for_backward(hidden, weight, target, negatives, coef)
         ctx.has_bias = bias is not None
         ctx.objective = objective
         ctx.ignore_index = ignore_index
         ctx.sparse_grad = sparse_grad
+        return loss, coef
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -102,28 +97,27 @@ class SampledLossFunction(torch.autograd.Function):
         hidden, weight, target, negatives, coef = ctx.saved_tensors
         if grad_loss is None:
             grad_loss = torch.zeros_like(coef[:, 0])
-        grad_loss = grad_loss.contiguous()
         grad_hidden = grad_weight = grad_bias = grad_log_z = None
-        if any(ctx.needs_input_grad[:3]):
-            with torch.autocast(hidden.device.type, enabled=False):
-                if not (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
-                    # A frozen output layer: grad_hidden alone, no weight rows at all.
-                    grad_hidden = ops.sampled_loss_backward_hidden(
-                        grad_loss, coef, hidden, weight, target, negatives, ctx.ignore_index)
-                elif ctx.sparse_grad:
-                    grad_hidden, rows, weight_rows, bias_rows = ops.sampled_loss_backward_rows(
-                        grad_loss, coef, hidden, weight, ctx.has_bias, target, negatives,
-                        ctx.ignore_index)
-                    grad_weight = _rows_to_sparse(rows, weight_rows, weight.shape)
-                    if ctx.has_bias:
-                        grad_bias = _rows_to_sparse(rows, bias_rows, weight.shape[:1])
-                else:
-                    grad_hidden, grad_weight, grad_bias = ops.sampled_loss_backward(
-                        grad_loss, coef, hidden, weight, ctx.has_bias, target, negatives,
-                        ctx.ignore_index)
+        needs = ctx.needs_input_grad
+        if needs[0] or needs[1] or needs[2]:
+            if not (needs[1] or needs[2]):
+                # A frozen output layer: grad_hidden alone, no weight rows at all.
+                grad_hidden = ops.sampled_loss_backward_hidden(
+                    grad_loss, coef, hidden, weight, target, negatives, ctx.ignore_index)
+            elif ctx.sparse_grad:
+                grad_hidden, rows, weight_rows, bias_rows = ops.sampled_loss_backward_rows(
+                    grad_loss, coef, hidden, weight, ctx.has_bias, target, negatives,
+                    ctx.ignore_index)
+                grad_weight = _rows_to_sparse(rows, weight_rows, weight.shape)
+                if ctx.has_bias:
+                    grad_bias = _rows_to_sparse(rows, bias_rows, weight.shape[:1])
+            else:
+                grad_hidden, grad_weight, grad_bias = ops.sampled_loss_backward(
+                    grad_loss, coef, hidden, weight, ctx.has_bias, target, negatives,
+                    ctx.ignore_index)
             if not ctx.has_bias:
                 grad_bias = None
-        if ctx.needs_input_grad[6] and ctx.objective == NCE:
+        if needs[6] and ctx.objective == NCE:
             # d = s - log_z - log(k q): dloss/dlog_z = -sum_j dloss/ds_j.
             grad_log_z = -(grad_loss.unsqueeze(1) * coef).sum()
         return (grad_hidden, grad_weight, grad_bias, None, None, None, grad_log_z,

@@ -25,6 +25,8 @@ def _check_tensor(value: object, name: str) -> Tensor:
 
 def _check_indices(value: object, name: str) -> Tensor:
     tensor = _check_tensor(value, name)
+    if tensor.dtype == torch.int64:
+        return tensor
     if tensor.dtype not in INDEX_DTYPES:
         raise TypeError(f"{name} must be an integer tensor (int64), got {tensor.dtype}")
     return tensor.long()
