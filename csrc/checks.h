@@ -43,4 +43,10 @@ inline void check_loss_args(const at::Tensor& weight, const std::optional<at::Te
   TORCH_CHECK_VALUE(log_z.numel() == 1, "log_z must be a scalar");
 }
 
+// Rows with unit stride along D are read in place (a sliced or offset weight is never copied);
+// anything else is made contiguous. Every backend reads rows at `row * stride(0)`.
+inline at::Tensor rows_of(const at::Tensor& t) {
+  return (t.dim() == 2 && (t.stride(1) == 1 || t.size(1) <= 1)) ? t : t.contiguous();
+}
+
 }  // namespace fused_nce

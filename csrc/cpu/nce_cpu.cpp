@@ -72,12 +72,6 @@ void check_inputs(const at::Tensor& hidden, const at::Tensor& weight,
   check_indices(negatives, weight.size(0), "negatives", false, 0);
 }
 
-// Rows with unit stride along D are read in place (a sliced or transposed-back weight is not
-// copied); anything else is made contiguous.
-at::Tensor rows_of(const at::Tensor& t) {
-  return (t.dim() == 2 && (t.stride(1) == 1 || t.size(1) <= 1)) ? t : t.contiguous();
-}
-
 // A fresh [V, D] gradient is hundreds of MB of untouched pages: at 4 KiB a page, first-touch page
 // faults cost more than the scatter itself. Ask for transparent huge pages before writing it.
 void advise_huge_pages(const at::Tensor& t) {

@@ -6,6 +6,7 @@
 
 #include <limits>
 
+#include "../checks.h"
 #include "cuda_common.cuh"
 
 namespace fused_nce {
@@ -44,11 +45,6 @@ struct Problem {
     return weight + c * weight_stride;
   }
 };
-
-// Rows with unit stride along D are read in place; anything else is made contiguous.
-inline at::Tensor rows_of(const at::Tensor& t) {
-  return (t.dim() == 2 && (t.stride(1) == 1 || t.size(1) <= 1)) ? t : t.contiguous();
-}
 
 template <typename scalar_t>
 Problem<scalar_t> make_problem(const at::Tensor& h, const at::Tensor& w, const at::Tensor& b,
