@@ -25,23 +25,6 @@ enum Objective : int64_t {
 constexpr float kTinyProb = 1.401298464324817e-45f;
 
 template <typename T>
-FUSED_NCE_HD T softplus(T x) {
-  using std::exp;
-  using std::fabs;
-  using std::log1p;
-  // log(1 + e^x) = max(x, 0) + log(1 + e^-|x|): never exponentiates a positive number.
-  return (x > T(0) ? x : T(0)) + log1p(exp(-fabs(x)));
-}
-
-template <typename T>
-FUSED_NCE_HD T sigmoid(T x) {
-  using std::exp;
-  if (x >= T(0)) return T(1) / (T(1) + exp(-x));
-  const T e = exp(x);
-  return e / (T(1) + e);
-}
-
-template <typename T>
 FUSED_NCE_HD T log_noise_prob(float q) {
   using std::log;
   return log(T(q > kTinyProb ? q : kTinyProb));
@@ -70,7 +53,16 @@ struct Term {
 
 template <typename T>
 FUSED_NCE_HD Term<T> binary_term(bool positive, T d) {
-  return positive ? Term<T>{softplus(-d), -sigmoid(-d)} : Term<T>{softplus(d), sigmoid(d)};
+  using std::exp;
+  using std::fabs;
+  using std::log1p;
+  // x = -d (target) or d (negative): softplus(x) = max(x, 0) + log1p(e) and sigmoid(x) =
+  // 1 / (1 + e) or e / (1 + e), both from the one e = exp(-|x|) <= 1 (never exp of a positive).
+  const T x = positive ? -d : d;
+  const T e = exp(-fabs(x));
+  const T loss = (x > T(0) ? x : T(0)) + log1p(e);
+  const T sig = x >= T(0) ? T(1) / (T(1) + e) : e / (T(1) + e);
+  return Term<T>{loss, positive ? -sig : sig};
 }
 
 // Sampled softmax: logQ-corrected logit o = s - log q; with lse = logsumexp over the example's
