@@ -84,3 +84,29 @@ def loss_and_grads(run, objective, p: Problem, **kwargs):
     upstream = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
     loss.backward(upstream.to(loss.device))
     return loss.detach(), [leaf.grad for leaf in leaves]
+
+
+def spawn_workers(fn, world_size, args=(), timeout=120.0):
+    """Runs ``fn(rank, world_size, *args)`` in ``world_size`` fresh processes and waits at most
+    ``timeout`` seconds in all: a hung rank is killed and fails the test instead of stalling it."""
+    import multiprocessing
+    import time
+
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=fn, args=(rank, world_size, *args), daemon=True)
+             for rank in range(world_size)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout
+    try:
+        for p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+        hung = [rank for rank, p in enumerate(procs) if p.is_alive()]
+        assert not hung, f"ranks {hung} still running after {timeout} s"
+        failed = {rank: p.exitcode for rank, p in enumerate(procs) if p.exitcode != 0}
+        assert not failed, f"ranks exited with {failed}"
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(5)

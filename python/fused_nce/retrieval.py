@@ -280,9 +280,12 @@ class FrequencyEstimator(nn.Module):
     that step's batch (the probability is that of appearing at least once), so the result does
     not depend on the order of ``ids``.
 
-    Adaptation: the gap average forgets at rate ``alpha`` per sighting, so after a change in
-    popularity an item's estimate is within 5% of its new value after about ``3 / alpha``
-    sightings (``3 / alpha`` times its new gap, in steps).
+    Adaptation: the gap average forgets at rate ``alpha`` per sighting. When an item's gap
+    changes from ``g_old`` to ``g_new`` (ratio ``r = g_old / g_new``), the old gap's weight left
+    after ``k`` sightings is ``(1 - alpha)^k``, so the estimate is within 10% of the new gap
+    (within 11% in probability) after ``ln(|r - 1| / 0.1) / alpha`` sightings: 230 at
+    ``alpha = 0.01`` for an item that becomes 10x more popular (``r = 10``), i.e. 230 times its
+    new gap in steps; 200 sightings for one that becomes 10x rarer.
 
     Before a second sighting a bucket has no average yet: its gap is the number of steps since
     the first sighting, and an id never seen in ``t`` steps gets gap ``t + 1``.
