@@ -314,7 +314,7 @@ class FrequencyEstimator(nn.Module):
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
 
     def _apply(self, fn: Any, recurse: bool = True) -> "FrequencyEstimator":
-        super()._apply(fn, recurse)
+        super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
         # module.double() / .half() cast floating buffers; the kernels keep gaps in float32.
         if self.gap.dtype != torch.float32:
             self.gap = self.gap.float()
