@@ -94,6 +94,13 @@ FUSED_NCE_HD float frequency_gap_update(float gap, int64_t last, int64_t step, f
   return gap == 0.0f ? observed : (1.0f - alpha) * gap + alpha * observed;
 }
 
+// Occurrences per sighting: an EMA of how many times the bucket's ids occur in a step where they
+// occur at all; the first sighting's count replaces the "no estimate yet" value 0.
+FUSED_NCE_HD float frequency_count_update(float count, int64_t occurrences, float alpha) {
+  const float observed = static_cast<float>(occurrences);
+  return count == 0.0f ? observed : (1.0f - alpha) * count + alpha * observed;
+}
+
 // The gap a bucket stands for after `steps` updates: its EMA, or, before a second sighting, the
 // steps since its first (at least 1), or steps + 1 when never seen (at most one in that many).
 FUSED_NCE_HD float frequency_bucket_gap(float gap, int64_t last, int64_t steps) {
@@ -101,6 +108,12 @@ FUSED_NCE_HD float frequency_bucket_gap(float gap, int64_t last, int64_t steps) 
   if (last < 0) return static_cast<float>(steps + 1);
   const int64_t since = steps - last;
   return static_cast<float>(since > 1 ? since : 1);
+}
+
+// Expected occurrences per step of a bucket's ids: occurrences per sighting over steps per
+// sighting (a ratio of averages, so it does not saturate at 1 as the probability does).
+FUSED_NCE_HD float frequency_bucket_rate(float gap, float count, int64_t last, int64_t steps) {
+  return (count > 0.0f ? count : 1.0f) / frequency_bucket_gap(gap, last, steps);
 }
 
 }  // namespace fused_nce

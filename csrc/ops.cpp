@@ -39,12 +39,14 @@ TORCH_LIBRARY_FRAGMENT(fused_nce, m) {
       "in_batch_backward(Tensor grad_loss, Tensor query, Tensor columns, Tensor? log_q, "
       "Tensor column_ids, Tensor temperature, Tensor lse, int pos_offset, "
       "bool remove_accidental_hits, int block_size) -> (Tensor, Tensor, Tensor)");
-  // One step of the hashed last-seen / gap-EMA arrays for the ids seen at `step`.
+  // One step of the hashed last-seen / gap-EMA / count-EMA arrays for the ids seen at `step`.
   m.def(
-      "frequency_update(Tensor(a!) last_seen, Tensor(b!) gap, Tensor ids, Tensor step, "
-      "float alpha) -> ()");
-  // Estimated gap (steps between occurrences) of each id after `step` updates.
-  m.def("frequency_gap(Tensor last_seen, Tensor gap, Tensor ids, Tensor step) -> Tensor");
+      "frequency_update(Tensor(a!) last_seen, Tensor(b!) gap, Tensor(c!) count, Tensor ids, "
+      "Tensor step, float alpha) -> ()");
+  // Per id after `step` updates: estimated steps between sightings and occurrences per step.
+  m.def(
+      "frequency_estimate(Tensor last_seen, Tensor gap, Tensor count, Tensor ids, Tensor step) "
+      "-> (Tensor, Tensor)");
 }
 
 // The Python module only has to exist: importing it runs the registrations above.

@@ -15,7 +15,7 @@ loss (score = dot product, as in approximate-nearest-neighbour retrieval). Model
   uniform), the popularity bias that logQ removes (Yi et al., 2019);
 * ``in_batch``: in-batch softmax (``fused_nce.in_batch_softmax_loss``): every other positive
   of the batch is a negative, logQ-corrected with a streaming ``fused_nce.FrequencyEstimator``
-  (Yi et al., 2019) updated with each batch's items;
+  (Yi et al., 2019) updated with each batch's items (its log expected count per batch);
 * ``in_batch_true_logq``: the same with the true log of each item's expected count in a batch
   (``log(B f_i)``, from the training frequencies);
 * ``in_batch_no_logq``: the same without correction;
@@ -196,7 +196,7 @@ def train(name: str, data: Interactions, args: argparse.Namespace, device: torch
         else:  # in-batch softmax; "mixed" adds uniformly drawn extra negatives
             estimator.update(target)
             log_q = {"in_batch_true_logq": true_log_q[target],
-                     "in_batch_no_logq": None}.get(name, estimator.log_prob(target))
+                     "in_batch_no_logq": None}.get(name, estimator.log_expected_count(target))
             mixed = {}
             if name == "mixed":
                 extra_ids = torch.randint(data.num_items, (args.num_negatives,), generator=extras,

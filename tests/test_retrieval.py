@@ -210,8 +210,9 @@ def test_opcheck(device):
                           (grad, batch["query"], columns, None, ids, t, lse, 2, False, 0))
     est = fused_nce.FrequencyEstimator(64).to(device)
     ids = torch.tensor([3, 5, 3, 90], device=device)
-    torch.library.opcheck(ops.frequency_update, (est.last_seen, est.gap, ids, est.step, 0.1))
-    torch.library.opcheck(ops.frequency_gap, (est.last_seen, est.gap, ids, est.step))
+    state = (est.last_seen, est.gap, est.count)
+    torch.library.opcheck(ops.frequency_update, (*state, ids, est.step, 0.1))
+    torch.library.opcheck(ops.frequency_estimate, (*state, ids, est.step))
 
 
 def test_compile(device):
@@ -288,8 +289,9 @@ def zipf_probs(num_items, exponent=1.1):
 
 
 def test_estimator_converges_on_zipf_stream(device):
-    """Stationary Zipf stream, batches of 128 draws: the estimated probability of being in a
-    batch, 1 - (1 - p)^128, is within 15% for the 30 most frequent items."""
+    """Stationary Zipf stream, batches of 128 draws: for the 30 most frequent items, the
+    estimated probability of being in a batch, 1 - (1 - p)^128, and the expected number of
+    occurrences per batch, 128 p, are within 15%."""
     num_items, batch, steps = 5000, 128, 3000
     p = zipf_probs(num_items)
     truth = 1 - (1 - p) ** batch
@@ -302,6 +304,10 @@ def test_estimator_converges_on_zipf_stream(device):
     error = (estimate / truth[top] - 1).abs()
     assert error.max() < 0.15, error
     assert error[10:].mean() > 1e-3  # not trivially exact: those are not in every batch
+    counts = est.log_expected_count(top.to(device)).exp().double().cpu()
+    count_error = (counts / (batch * p[top]) - 1).abs()
+    assert count_error.max() < 0.15, count_error
+    assert counts[0] > 10  # the most frequent item: ~17 copies a batch, where the probability is 1
     never = est.log_prob(torch.tensor([10 ** 12], device=device))
     assert never.item() <= math.log(1 / steps) + 1e-6
 
@@ -348,8 +354,8 @@ def test_estimator_follows_popularity_shift(device):
 
 
 def test_estimator_duplicates_and_order(device):
-    """Each bucket takes one update per step: a batch with repeats, in any order, gives the same
-    state as its distinct ids."""
+    """Each distinct bucket takes one update per step with its number of occurrences: the state
+    does not depend on the order of the ids, and repeats change the counts only."""
     ids = [torch.tensor([4, 7, 4, 4, 9, 7]), torch.tensor([9, 9, 1]), torch.tensor([4, 1, 1])]
     states = []
     for transform in (lambda x: x, lambda x: x.flip(0), torch.unique):
@@ -357,14 +363,18 @@ def test_estimator_duplicates_and_order(device):
         for batch in ids:
             est.update(transform(batch).to(device))
         states.append(est.state_dict())
-    for other in states[1:]:
-        for key in states[0]:
-            assert torch.equal(states[0][key], other[key]), key
+    for key in states[0]:
+        assert torch.equal(states[0][key], states[1][key]), key
+        if key != "count":
+            assert torch.equal(states[0][key], states[2][key]), key
+    assert not torch.equal(states[0]["count"], states[2]["count"])
     est = fused_nce.FrequencyEstimator(1 << 10, alpha=0.5).to(device)
     for step in range(4):
         est.update(torch.tensor([1, 1, 1] + [2] * (step % 2), device=device))
-    probs = est.log_prob(torch.tensor([1, 2], device=device)).exp().cpu()
-    torch.testing.assert_close(probs, torch.tensor([1.0, 0.5]))
+    items = torch.tensor([1, 2], device=device)
+    torch.testing.assert_close(est.log_prob(items).exp().cpu(), torch.tensor([1.0, 0.5]))
+    torch.testing.assert_close(est.log_expected_count(items).exp().cpu(),
+                               torch.tensor([3.0, 0.5]))
 
 
 def test_estimator_hash_arrays_reduce_collision_bias():
@@ -386,13 +396,14 @@ def test_estimator_state_dict_and_to():
     est = fused_nce.FrequencyEstimator(128, alpha=0.1)
     for step in range(5):
         est.update(torch.tensor([step, 3]))
-    assert set(est.state_dict()) == {"last_seen", "gap", "step"}
+    assert set(est.state_dict()) == {"last_seen", "gap", "count", "step"}
     copy = fused_nce.FrequencyEstimator(128, alpha=0.1)
     copy.load_state_dict(est.state_dict())
     ids = torch.arange(6)
     torch.testing.assert_close(copy.log_prob(ids), est.log_prob(ids))
     est.double()
-    assert est.gap.dtype == torch.float32 and est.last_seen.dtype == torch.int64
+    assert est.gap.dtype == est.count.dtype == torch.float32
+    assert est.last_seen.dtype == torch.int64
     torch.testing.assert_close(est.log_prob(ids), copy.log_prob(ids))
     with pytest.raises(TypeError, match="ids"):
         est.update(torch.tensor([1.0]))

@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 #include <vector>
 
 #include "../fused_nce.h"
@@ -236,70 +237,91 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> in_batch_backward_cpu(
 }
 
 void check_frequency_state(const at::Tensor& last_seen, const at::Tensor& gap,
-                           const at::Tensor& ids, const at::Tensor& step) {
-  TORCH_CHECK_TYPE(last_seen.scalar_type() == at::kLong && gap.scalar_type() == at::kFloat,
-                   "last_seen must be int64 and gap float32");
+                           const at::Tensor& count, const at::Tensor& ids,
+                           const at::Tensor& step) {
+  TORCH_CHECK_TYPE(last_seen.scalar_type() == at::kLong && gap.scalar_type() == at::kFloat &&
+                       count.scalar_type() == at::kFloat,
+                   "last_seen must be int64, gap and count float32");
   TORCH_CHECK_VALUE(last_seen.dim() == 2 && gap.sizes() == last_seen.sizes() &&
-                        last_seen.size(1) > 0 && last_seen.is_contiguous() && gap.is_contiguous(),
-                    "last_seen and gap must be contiguous [arrays, buckets] of the same shape");
+                        count.sizes() == last_seen.sizes() && last_seen.size(1) > 0 &&
+                        last_seen.is_contiguous() && gap.is_contiguous() && count.is_contiguous(),
+                    "last_seen, gap and count must be contiguous [arrays, buckets] of one shape");
   TORCH_CHECK_TYPE(ids.scalar_type() == at::kLong, "ids must be int64, got ", ids.scalar_type());
   TORCH_CHECK_VALUE(step.numel() == 1 && step.scalar_type() == at::kLong,
                     "step must be one int64 value");
 }
 
-void frequency_update_cpu(at::Tensor& last_seen, at::Tensor& gap, const at::Tensor& ids,
-                          const at::Tensor& step, double alpha) {
-  check_frequency_state(last_seen, gap, ids, step);
+void frequency_update_cpu(at::Tensor& last_seen, at::Tensor& gap, at::Tensor& count,
+                          const at::Tensor& ids, const at::Tensor& step, double alpha) {
+  check_frequency_state(last_seen, gap, count, ids, step);
   const int64_t t = step.item<int64_t>(), arrays = last_seen.size(0), buckets = last_seen.size(1);
-  const auto flat = ids.contiguous().view(-1);
+  const at::Tensor flat = ids.contiguous().view(-1);
   const int64_t* ip = flat.const_data_ptr<int64_t>();
-  const int64_t count = flat.numel();
+  const int64_t n = flat.numel();
   int64_t* lp = last_seen.mutable_data_ptr<int64_t>();
   float* gp = gap.mutable_data_ptr<float>();
-  // Arrays are independent; within one, ids in order. A bucket already stamped with this step
-  // is skipped, so every bucket takes at most one update per step, whatever the order.
+  float* cp = count.mutable_data_ptr<float>();
+  const float a = static_cast<float>(alpha);
+  // Arrays are independent. Within one, the step's buckets are sorted and each distinct bucket
+  // is updated once with its number of occurrences: the result does not depend on id order.
   at::parallel_for(0, arrays, 1, [&](int64_t a0, int64_t a1) {
-    for (int64_t a = a0; a < a1; ++a) {
-      for (int64_t e = 0; e < count; ++e) {
-        const int64_t b = a * buckets + frequency_bucket(ip[e], a, buckets);
-        if (lp[b] == t) continue;
-        gp[b] = frequency_gap_update(gp[b], lp[b], t, static_cast<float>(alpha));
-        lp[b] = t;
+    std::vector<int64_t> hit(n);
+    for (int64_t arr = a0; arr < a1; ++arr) {
+      for (int64_t e = 0; e < n; ++e) hit[e] = frequency_bucket(ip[e], arr, buckets);
+      std::sort(hit.begin(), hit.end());
+      for (int64_t e = 0; e < n;) {
+        int64_t run = e + 1;
+        while (run < n && hit[run] == hit[e]) ++run;
+        const int64_t b = arr * buckets + hit[e];
+        if (lp[b] != t) {  // a repeated call for the same step leaves the state alone
+          gp[b] = frequency_gap_update(gp[b], lp[b], t, a);
+          cp[b] = frequency_count_update(cp[b], run - e, a);
+          lp[b] = t;
+        }
+        e = run;
       }
     }
   });
 }
 
-at::Tensor frequency_gap_cpu(const at::Tensor& last_seen, const at::Tensor& gap,
-                             const at::Tensor& ids, const at::Tensor& step) {
-  check_frequency_state(last_seen, gap, ids, step);
+std::tuple<at::Tensor, at::Tensor> frequency_estimate_cpu(const at::Tensor& last_seen,
+                                                          const at::Tensor& gap,
+                                                          const at::Tensor& count,
+                                                          const at::Tensor& ids,
+                                                          const at::Tensor& step) {
+  check_frequency_state(last_seen, gap, count, ids, step);
   const int64_t t = step.item<int64_t>(), arrays = last_seen.size(0), buckets = last_seen.size(1);
-  const auto in = ids.contiguous();
-  at::Tensor out = at::empty(ids.sizes(), gap.options());
+  const at::Tensor in = ids.contiguous();
+  at::Tensor out_gap = at::empty(ids.sizes(), gap.options());
+  at::Tensor out_rate = at::empty(ids.sizes(), gap.options());
   const int64_t* ip = in.const_data_ptr<int64_t>();
   const int64_t* lp = last_seen.const_data_ptr<int64_t>();
   const float* gp = gap.const_data_ptr<float>();
-  float* op = out.mutable_data_ptr<float>();
+  const float* cp = count.const_data_ptr<float>();
+  float* og = out_gap.mutable_data_ptr<float>();
+  float* orate = out_rate.mutable_data_ptr<float>();
   at::parallel_for(0, in.numel(), 4096, [&](int64_t e0, int64_t e1) {
     for (int64_t e = e0; e < e1; ++e) {
-      // Collisions only shorten a bucket's gaps: the longest over the arrays is the least
-      // polluted estimate (count-min in gap form).
-      float result = 0;
-      for (int64_t a = 0; a < arrays; ++a) {
-        const int64_t b = a * buckets + frequency_bucket(ip[e], a, buckets);
-        result = std::max(result, frequency_bucket_gap(gp[b], lp[b], t));
+      // Collisions only shorten a bucket's gaps and add to its counts: the longest gap and the
+      // smallest rate over the arrays are the least polluted (count-min).
+      float longest = 0, rate = std::numeric_limits<float>::infinity();
+      for (int64_t arr = 0; arr < arrays; ++arr) {
+        const int64_t b = arr * buckets + frequency_bucket(ip[e], arr, buckets);
+        longest = std::max(longest, frequency_bucket_gap(gp[b], lp[b], t));
+        rate = std::min(rate, frequency_bucket_rate(gp[b], cp[b], lp[b], t));
       }
-      op[e] = result;
+      og[e] = longest;
+      orate[e] = rate;
     }
   });
-  return out;
+  return {out_gap, out_rate};
 }
 
 TORCH_LIBRARY_IMPL(fused_nce, CPU, m) {
   m.impl("in_batch_forward", &in_batch_forward_cpu);
   m.impl("in_batch_backward", &in_batch_backward_cpu);
   m.impl("frequency_update", &frequency_update_cpu);
-  m.impl("frequency_gap", &frequency_gap_cpu);
+  m.impl("frequency_estimate", &frequency_estimate_cpu);
 }
 
 }  // namespace fused_nce

@@ -2,8 +2,8 @@
 // columns, a GEMM (ATen) gives the scores in float32 (float64 for float64), a warp per row folds
 // them into the row's online log-sum-exp (forward) or turns them in place into the score gradient
 // (backward), and two GEMMs scatter it. The temperature is read on the device, so nothing syncs.
-// Also the frequency estimator's update (one atomic exchange per bucket picks the single updater)
-// and lookup.
+// Also the frequency estimator's update (sorted buckets, one thread per distinct bucket) and
+// lookup.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -92,37 +92,50 @@ __global__ void backward_block_kernel(acc_t* __restrict__ scores, int64_t rows, 
   if (lane == 0) score_dot[i] += dot;  // one writer per row: deterministic
 }
 
-__global__ void frequency_update_kernel(int64_t* __restrict__ last_seen, float* __restrict__ gap,
-                                        const int64_t* __restrict__ ids, int64_t count,
-                                        int64_t arrays, int64_t buckets,
-                                        const int64_t* __restrict__ step, float alpha) {
+// keys[a * n + e]: the flat bucket (array a) of id e.
+__global__ void frequency_keys_kernel(const int64_t* __restrict__ ids, int64_t count,
+                                      int64_t arrays, int64_t buckets, int64_t* __restrict__ keys) {
   const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (e >= count * arrays) return;
-  const int64_t a = e / count, id = ids[e % count], t = *step;
-  const int64_t b = a * buckets + frequency_bucket(id, a, buckets);
-  // The one thread that swaps a different value for this step owns the bucket's update; every
-  // other thread hitting it in this step sees the step back. The old value is the same for
-  // whichever thread wins, so the result is deterministic.
-  const auto old = static_cast<int64_t>(atomicExch(
-      reinterpret_cast<unsigned long long*>(last_seen + b), static_cast<unsigned long long>(t)));
-  if (old == t) return;
-  gap[b] = frequency_gap_update(gap[b], old, t, alpha);
+  const int64_t a = e / count;
+  keys[e] = a * buckets + frequency_bucket(ids[e % count], a, buckets);
 }
 
-__global__ void frequency_gap_kernel(const int64_t* __restrict__ last_seen,
-                                     const float* __restrict__ gap,
-                                     const int64_t* __restrict__ ids, int64_t count,
-                                     int64_t arrays, int64_t buckets,
-                                     const int64_t* __restrict__ step, float* __restrict__ out) {
+// One thread per distinct bucket of the step (from a sort), with its number of occurrences: no
+// two threads touch a bucket, so no atomics and the same result whatever the order of the ids.
+__global__ void frequency_update_kernel(int64_t* __restrict__ last_seen, float* __restrict__ gap,
+                                        float* __restrict__ counts,
+                                        const int64_t* __restrict__ distinct,
+                                        const int64_t* __restrict__ occurrences, int64_t num,
+                                        const int64_t* __restrict__ step, float alpha) {
+  const int64_t u = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (u >= num) return;
+  const int64_t b = distinct[u], t = *step;
+  if (last_seen[b] == t) return;  // a repeated call for the same step leaves the state alone
+  gap[b] = frequency_gap_update(gap[b], last_seen[b], t, alpha);
+  counts[b] = frequency_count_update(counts[b], occurrences[u], alpha);
+  last_seen[b] = t;
+}
+
+__global__ void frequency_estimate_kernel(const int64_t* __restrict__ last_seen,
+                                          const float* __restrict__ gap,
+                                          const float* __restrict__ counts,
+                                          const int64_t* __restrict__ ids, int64_t count,
+                                          int64_t arrays, int64_t buckets,
+                                          const int64_t* __restrict__ step,
+                                          float* __restrict__ out_gap,
+                                          float* __restrict__ out_rate) {
   const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (e >= count) return;
   const int64_t t = *step;
-  float result = 0;
+  float longest = 0, rate = INFINITY;
   for (int64_t a = 0; a < arrays; ++a) {
     const int64_t b = a * buckets + frequency_bucket(ids[e], a, buckets);
-    result = fmaxf(result, frequency_bucket_gap(gap[b], last_seen[b], t));
+    longest = fmaxf(longest, frequency_bucket_gap(gap[b], last_seen[b], t));
+    rate = fminf(rate, frequency_bucket_rate(gap[b], counts[b], last_seen[b], t));
   }
-  out[e] = result;
+  out_gap[e] = longest;
+  out_rate[e] = rate;
 }
 
 constexpr int kThreads = 256;
@@ -232,48 +245,66 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> in_batch_backward_cuda(
   return {grad_q.to(query.scalar_type()), grad_cols.to(columns.scalar_type()), grad_t};
 }
 
-void frequency_update_cuda(at::Tensor& last_seen, at::Tensor& gap, const at::Tensor& ids,
-                           const at::Tensor& step, double alpha) {
-  check_frequency_state(last_seen, gap, ids, step);
-  TORCH_CHECK_VALUE(gap.device() == last_seen.device() && ids.device() == last_seen.device() &&
-                        step.device() == last_seen.device(),
+static void check_same_device(const at::Tensor& last_seen, const at::Tensor& gap,
+                       const at::Tensor& count, const at::Tensor& ids, const at::Tensor& step) {
+  TORCH_CHECK_VALUE(gap.device() == last_seen.device() && count.device() == last_seen.device() &&
+                        ids.device() == last_seen.device() && step.device() == last_seen.device(),
                     "ids and step must be on the estimator's device");
+}
+
+void frequency_update_cuda(at::Tensor& last_seen, at::Tensor& gap, at::Tensor& count,
+                           const at::Tensor& ids, const at::Tensor& step, double alpha) {
+  check_frequency_state(last_seen, gap, count, ids, step);
+  check_same_device(last_seen, gap, count, ids, step);
   const c10::cuda::CUDAGuard guard(last_seen.device());
   const at::Tensor flat = ids.contiguous().view(-1);
-  const int64_t count = flat.numel(), arrays = last_seen.size(0), buckets = last_seen.size(1);
-  if (count == 0) return;
-  frequency_update_kernel<<<blocks_for(count * arrays), kThreads, 0,
-                            c10::cuda::getCurrentCUDAStream()>>>(
+  const int64_t n = flat.numel(), arrays = last_seen.size(0), buckets = last_seen.size(1);
+  if (n == 0) return;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor keys = at::empty({arrays * n}, flat.options());
+  frequency_keys_kernel<<<blocks_for(arrays * n), kThreads, 0, stream>>>(
+      flat.const_data_ptr<int64_t>(), n, arrays, buckets, keys.mutable_data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // Sort and run-length: one entry per distinct bucket (the output size costs one sync).
+  const auto runs = at::unique_consecutive(std::get<0>(at::sort(keys)), false, true);
+  const at::Tensor distinct = std::get<0>(runs).contiguous();
+  const at::Tensor occurrences = std::get<2>(runs).contiguous();
+  const int64_t num = distinct.numel();
+  frequency_update_kernel<<<blocks_for(num), kThreads, 0, stream>>>(
       last_seen.mutable_data_ptr<int64_t>(), gap.mutable_data_ptr<float>(),
-      flat.const_data_ptr<int64_t>(), count, arrays, buckets, step.const_data_ptr<int64_t>(),
+      count.mutable_data_ptr<float>(), distinct.const_data_ptr<int64_t>(),
+      occurrences.const_data_ptr<int64_t>(), num, step.const_data_ptr<int64_t>(),
       static_cast<float>(alpha));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-at::Tensor frequency_gap_cuda(const at::Tensor& last_seen, const at::Tensor& gap,
-                              const at::Tensor& ids, const at::Tensor& step) {
-  check_frequency_state(last_seen, gap, ids, step);
-  TORCH_CHECK_VALUE(gap.device() == last_seen.device() && ids.device() == last_seen.device() &&
-                        step.device() == last_seen.device(),
-                    "ids and step must be on the estimator's device");
+std::tuple<at::Tensor, at::Tensor> frequency_estimate_cuda(const at::Tensor& last_seen,
+                                                           const at::Tensor& gap,
+                                                           const at::Tensor& count,
+                                                           const at::Tensor& ids,
+                                                           const at::Tensor& step) {
+  check_frequency_state(last_seen, gap, count, ids, step);
+  check_same_device(last_seen, gap, count, ids, step);
   const c10::cuda::CUDAGuard guard(last_seen.device());
   const at::Tensor in = ids.contiguous();
-  at::Tensor out = at::empty(ids.sizes(), gap.options());
-  const int64_t count = in.numel();
-  if (count == 0) return out;
-  frequency_gap_kernel<<<blocks_for(count), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+  at::Tensor out_gap = at::empty(ids.sizes(), gap.options());
+  at::Tensor out_rate = at::empty(ids.sizes(), gap.options());
+  const int64_t n = in.numel();
+  if (n == 0) return {out_gap, out_rate};
+  frequency_estimate_kernel<<<blocks_for(n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       last_seen.const_data_ptr<int64_t>(), gap.const_data_ptr<float>(),
-      in.const_data_ptr<int64_t>(), count, last_seen.size(0), last_seen.size(1),
-      step.const_data_ptr<int64_t>(), out.mutable_data_ptr<float>());
+      count.const_data_ptr<float>(), in.const_data_ptr<int64_t>(), n, last_seen.size(0),
+      last_seen.size(1), step.const_data_ptr<int64_t>(), out_gap.mutable_data_ptr<float>(),
+      out_rate.mutable_data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
+  return {out_gap, out_rate};
 }
 
 TORCH_LIBRARY_IMPL(fused_nce, CUDA, m) {
   m.impl("in_batch_forward", &in_batch_forward_cuda);
   m.impl("in_batch_backward", &in_batch_backward_cuda);
   m.impl("frequency_update", &frequency_update_cuda);
-  m.impl("frequency_gap", &frequency_gap_cuda);
+  m.impl("frequency_estimate", &frequency_estimate_cuda);
 }
 
 }  // namespace fused_nce

@@ -44,13 +44,16 @@ def _(grad_loss: Tensor, query: Tensor, columns: Tensor, log_q: Optional[Tensor]
 
 
 @torch.library.register_fake("fused_nce::frequency_update")
-def _(last_seen: Tensor, gap: Tensor, ids: Tensor, step: Tensor, alpha: float) -> None:
+def _(last_seen: Tensor, gap: Tensor, count: Tensor, ids: Tensor, step: Tensor,
+      alpha: float) -> None:
     return None
 
 
-@torch.library.register_fake("fused_nce::frequency_gap")
-def _(last_seen: Tensor, gap: Tensor, ids: Tensor, step: Tensor) -> Tensor:
-    return ids.new_empty(ids.shape, dtype=torch.float32)
+@torch.library.register_fake("fused_nce::frequency_estimate")
+def _(last_seen: Tensor, gap: Tensor, count: Tensor, ids: Tensor,
+      step: Tensor) -> Tuple[Tensor, Tensor]:
+    return (ids.new_empty(ids.shape, dtype=torch.float32),
+            ids.new_empty(ids.shape, dtype=torch.float32))
 
 
 class InBatchSoftmaxFunction(torch.autograd.Function):
@@ -268,34 +271,42 @@ class FrequencyEstimator(nn.Module):
     After Yi et al. (RecSys 2019): each of ``num_hashes`` arrays of ``num_buckets`` buckets keeps
     the step at which the bucket was last seen and an exponential moving average (rate ``alpha``)
     of the gap between its sightings; an item seen every ``g`` steps on average has probability
-    about ``1 / g`` of being in a batch. Call :meth:`update` once per training step with that
-    step's item ids, and :meth:`log_prob` for the logQ correction.
+    about ``1 / g`` of being in a batch (:meth:`log_prob`). Each bucket also keeps an average of
+    how many times its item occurs in a step where it occurs at all, so that
+    :meth:`log_expected_count` (occurrences per sighting / steps per sighting) keeps growing for
+    items that are in nearly every batch, where the probability saturates at 1. Call
+    :meth:`update` once per training step with that step's item ids.
+
+    Which to use as logQ: the correction of a softmax over sampled columns is the log of each
+    item's expected number of copies among them, :meth:`log_expected_count`; it equals
+    :meth:`log_prob` for items far from being in every batch.
 
     Hash collisions: an item sharing a bucket with another item sees that item's occurrences as
-    its own, so collisions only ever shorten a bucket's gap. Each array hashes with an
-    independent seed and :meth:`log_prob` takes the longest gap over the arrays (the least
-    polluted, as a count-min sketch takes the smallest count).
+    its own, so collisions only ever shorten a bucket's gap and add to its counts. Each array
+    hashes with an independent seed and the estimate takes the longest gap (the smallest rate)
+    over the arrays: the least polluted, as a count-min sketch takes the smallest count.
 
-    Duplicates: every bucket is updated at most once per step, however often its ids occur in
-    that step's batch (the probability is that of appearing at least once), so the result does
-    not depend on the order of ``ids``.
+    Duplicates: each step's buckets are sorted and every distinct bucket is updated once, with
+    its number of occurrences, so the result does not depend on the order of ``ids``.
 
-    Adaptation: the gap average forgets at rate ``alpha`` per sighting. When an item's gap
-    changes from ``g_old`` to ``g_new`` (ratio ``r = g_old / g_new``), the old gap's weight left
-    after ``k`` sightings is ``(1 - alpha)^k``, so the estimate is within 10% of the new gap
-    (within 11% in probability) after ``ln(|r - 1| / 0.1) / alpha`` sightings: 230 at
-    ``alpha = 0.01`` for an item that becomes 10x more popular (``r = 10``), i.e. 230 times its
-    new gap in steps; 200 sightings for one that becomes 10x rarer.
+    Adaptation: the averages forget at rate ``alpha`` per sighting. When an item's gap changes
+    from ``g_old`` to ``g_new`` (ratio ``r = g_old / g_new``), the old gap's weight left after
+    ``k`` sightings is ``(1 - alpha)^k``, so the estimate is within 10% of the new gap (within
+    11% in probability) after ``ln(|r - 1| / 0.1) / alpha`` sightings: 230 at ``alpha = 0.01``
+    for an item that becomes 10x more popular (``r = 10``), i.e. 230 times its new gap in steps;
+    200 sightings for one that becomes 10x rarer.
 
-    Before a second sighting a bucket has no average yet: its gap is the number of steps since
-    the first sighting, and an id never seen in ``t`` steps gets gap ``t + 1``.
+    Before a second sighting a bucket has no average gap yet: its gap is the number of steps
+    since the first sighting, and an id never seen in ``t`` steps gets gap ``t + 1``.
 
-    Its state (``last_seen``, ``gap``, ``step``) is buffers: it is saved in ``state_dict`` and
-    moves with ``.to()``. ``gap`` stays float32 whatever dtype the module is cast to.
+    Its state (``last_seen``, ``gap``, ``count``, ``step``) is buffers: it is saved in
+    ``state_dict`` and moves with ``.to()``. ``gap`` and ``count`` stay float32 whatever dtype
+    the module is cast to. On CUDA an update sorts the step's buckets (one host sync).
     """
 
     last_seen: Tensor
     gap: Tensor
+    count: Tensor
     step: Tensor
 
     def __init__(self, num_buckets: int = 2 ** 20, *, alpha: float = 0.01,
@@ -311,13 +322,15 @@ class FrequencyEstimator(nn.Module):
         self.register_buffer("last_seen", torch.full((num_hashes, num_buckets), -1,
                                                      dtype=torch.int64))
         self.register_buffer("gap", torch.zeros(num_hashes, num_buckets))
+        self.register_buffer("count", torch.zeros(num_hashes, num_buckets))
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
 
     def _apply(self, fn: Any, recurse: bool = True) -> "FrequencyEstimator":
         super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
-        # module.double() / .half() cast floating buffers; the kernels keep gaps in float32.
-        if self.gap.dtype != torch.float32:
-            self.gap = self.gap.float()
+        # module.double() / .half() cast floating buffers; the kernels keep them in float32.
+        for name in ("gap", "count"):
+            if getattr(self, name).dtype != torch.float32:
+                setattr(self, name, getattr(self, name).float())
         return self
 
     def _check_ids(self, ids: object) -> Tensor:
@@ -329,24 +342,35 @@ class FrequencyEstimator(nn.Module):
                              f"{self.gap.device}")
         return tensor
 
+    def _estimate(self, ids: Tensor) -> Tuple[Tensor, Tensor]:
+        ids = self._check_ids(ids)
+        gap: Tensor
+        rate: Tensor
+        gap, rate = ops.frequency_estimate(self.last_seen, self.gap, self.count, ids, self.step)
+        return gap, rate
+
     @torch.no_grad()
     def update(self, ids: Tensor) -> None:
         """Record one training step whose batch holds ``ids`` (any shape)."""
         ids = self._check_ids(ids)
-        ops.frequency_update(self.last_seen, self.gap, ids.reshape(-1), self.step, self.alpha)
+        ops.frequency_update(self.last_seen, self.gap, self.count, ids.reshape(-1), self.step,
+                             self.alpha)
         self.step += 1
 
     @torch.no_grad()
     def expected_gap(self, ids: Tensor) -> Tensor:
-        """Estimated number of steps between occurrences of each id (float32, ``ids``' shape)."""
-        ids = self._check_ids(ids)
-        gap: Tensor = ops.frequency_gap(self.last_seen, self.gap, ids, self.step)
-        return gap
+        """Estimated number of steps between batches holding each id (float32, ``ids``' shape)."""
+        return self._estimate(ids)[0]
 
     @torch.no_grad()
     def log_prob(self, ids: Tensor) -> Tensor:
         """Log of each id's estimated probability of appearing in a batch (float32, <= 0)."""
-        return -torch.log(self.expected_gap(ids))
+        return -torch.log(self._estimate(ids)[0])
+
+    @torch.no_grad()
+    def log_expected_count(self, ids: Tensor) -> Tensor:
+        """Log of each id's estimated number of occurrences per batch (float32)."""
+        return torch.log(self._estimate(ids)[1])
 
     def extra_repr(self) -> str:
         arrays, buckets = self.gap.shape
