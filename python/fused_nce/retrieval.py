@@ -301,7 +301,8 @@ class FrequencyEstimator(nn.Module):
 
     Its state (``last_seen``, ``gap``, ``count``, ``step``) is buffers: it is saved in
     ``state_dict`` and moves with ``.to()``. ``gap`` and ``count`` stay float32 whatever dtype
-    the module is cast to. On CUDA an update sorts the step's buckets (one host sync).
+    the module is cast to; they take ``16 * num_hashes * num_buckets`` bytes (32 MiB at the
+    defaults). On CUDA an update sorts the step's buckets (one host sync).
     """
 
     last_seen: Tensor
