@@ -66,4 +66,42 @@ at::Tensor alias_build_cuda(const at::Tensor& weights);
 at::Tensor alias_sample_cuda(const at::Tensor& table, at::IntArrayRef size,
                              std::optional<at::Generator> generator);
 
+// ---- Retrieval (cpu/in_batch_cpu.cpp, cuda/in_batch_cuda.cu); schemas in ops.cpp.
+std::tuple<at::Tensor, at::Tensor> in_batch_forward_cpu(
+    const at::Tensor& query, const at::Tensor& columns, const std::optional<at::Tensor>& log_q,
+    const at::Tensor& column_ids, const at::Tensor& temperature, int64_t pos_offset,
+    bool remove_accidental_hits, int64_t block_size);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> in_batch_backward_cpu(
+    const at::Tensor& grad_loss, const at::Tensor& query, const at::Tensor& columns,
+    const std::optional<at::Tensor>& log_q, const at::Tensor& column_ids,
+    const at::Tensor& temperature, const at::Tensor& lse, int64_t pos_offset,
+    bool remove_accidental_hits, int64_t block_size);
+void frequency_update_cpu(at::Tensor& last_seen, at::Tensor& gap, at::Tensor& count,
+                          const at::Tensor& ids, const at::Tensor& step, double alpha);
+std::tuple<at::Tensor, at::Tensor> frequency_estimate_cpu(
+    const at::Tensor& last_seen, const at::Tensor& gap, const at::Tensor& count,
+    const at::Tensor& ids, const at::Tensor& step);
+std::tuple<at::Tensor, at::Tensor> in_batch_forward_cuda(
+    const at::Tensor& query, const at::Tensor& columns, const std::optional<at::Tensor>& log_q,
+    const at::Tensor& column_ids, const at::Tensor& temperature, int64_t pos_offset,
+    bool remove_accidental_hits, int64_t block_size);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> in_batch_backward_cuda(
+    const at::Tensor& grad_loss, const at::Tensor& query, const at::Tensor& columns,
+    const std::optional<at::Tensor>& log_q, const at::Tensor& column_ids,
+    const at::Tensor& temperature, const at::Tensor& lse, int64_t pos_offset,
+    bool remove_accidental_hits, int64_t block_size);
+void frequency_update_cuda(at::Tensor& last_seen, at::Tensor& gap, at::Tensor& count,
+                           const at::Tensor& ids, const at::Tensor& step, double alpha);
+std::tuple<at::Tensor, at::Tensor> frequency_estimate_cuda(
+    const at::Tensor& last_seen, const at::Tensor& gap, const at::Tensor& count,
+    const at::Tensor& ids, const at::Tensor& step);
+// Shared by both backends: argument checks and the automatic column block.
+void check_in_batch_inputs(const at::Tensor& query, const at::Tensor& columns,
+                           const std::optional<at::Tensor>& log_q, const at::Tensor& column_ids,
+                           const at::Tensor& temperature, int64_t pos_offset, int64_t block_size);
+void check_frequency_state(const at::Tensor& last_seen, const at::Tensor& gap,
+                           const at::Tensor& count, const at::Tensor& ids,
+                           const at::Tensor& step);
+int64_t in_batch_block_size(int64_t rows, int64_t columns, int64_t requested);
+
 }  // namespace fused_nce

@@ -29,6 +29,30 @@ TORCH_LIBRARY(fused_nce, m) {
         {at::Tag::nondeterministic_seeded});
 }
 
+// Retrieval: in-batch / mixed-negative softmax over column blocks and the frequency estimator.
+TORCH_LIBRARY_FRAGMENT(fused_nce, m) {
+  // Per-row loss lse_i - o_ii and lse_i [N] over columns [K, D] (the positive of row i is column
+  // pos_offset + i), o_ij = <query_i, column_j> / temperature - log_q_j; block_size 0: automatic.
+  m.def(
+      "in_batch_forward(Tensor query, Tensor columns, Tensor? log_q, Tensor column_ids, "
+      "Tensor temperature, int pos_offset, bool remove_accidental_hits, int block_size) "
+      "-> (Tensor, Tensor)");
+  // Gradients of sum_i grad_loss[i] * loss[i] in query, columns and temperature (blocks
+  // recomputed from the saved lse).
+  m.def(
+      "in_batch_backward(Tensor grad_loss, Tensor query, Tensor columns, Tensor? log_q, "
+      "Tensor column_ids, Tensor temperature, Tensor lse, int pos_offset, "
+      "bool remove_accidental_hits, int block_size) -> (Tensor, Tensor, Tensor)");
+  // One step of the hashed last-seen / gap-EMA / count-EMA arrays for the ids seen at `step`.
+  m.def(
+      "frequency_update(Tensor(a!) last_seen, Tensor(b!) gap, Tensor(c!) count, Tensor ids, "
+      "Tensor step, float alpha) -> ()");
+  // Per id after `step` updates: estimated steps between sightings and occurrences per step.
+  m.def(
+      "frequency_estimate(Tensor last_seen, Tensor gap, Tensor count, Tensor ids, Tensor step) "
+      "-> (Tensor, Tensor)");
+}
+
 // The Python module only has to exist: importing it runs the registrations above.
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fused_nce kernels, registered as torch.ops.fused_nce";

@@ -13,6 +13,15 @@ loss (score = dot product, as in approximate-nearest-neighbour retrieval). Model
   (``fused_nce.sampled_softmax_loss`` with the popularity noise);
 * ``sampled_softmax_no_logq``: the same negatives without the correction (noise given as
   uniform), the popularity bias that logQ removes (Yi et al., 2019);
+* ``in_batch``: in-batch softmax (``fused_nce.in_batch_softmax_loss``): every other positive
+  of the batch is a negative, logQ-corrected with a streaming ``fused_nce.FrequencyEstimator``
+  (Yi et al., 2019) updated with each batch's items (its log expected count per batch);
+* ``in_batch_true_logq``: the same with the true log of each item's expected count in a batch
+  (``log(B f_i)``, from the training frequencies);
+* ``in_batch_no_logq``: the same without correction;
+* ``mixed``: in-batch plus ``k`` extra negatives drawn uniformly from the catalogue (mixed
+  negative sampling, Yang et al., 2020), estimator logQ for the in-batch columns and
+  ``log(k / items)`` for the extras;
 * ``popularity``: recommend the most popular unseen items (no training).
 
 Reported: recall@10 and recall@50 of the held-out item among all items the user has not seen,
@@ -41,7 +50,8 @@ import fused_nce
 from _corpus import (StepLog, example_parser, fill_defaults, pick_device, plot_against_time,
                      print_table, progress, set_postfix, write_csv)
 
-MODELS = ("full_softmax", "sampled_softmax", "sampled_softmax_no_logq")
+MODELS = ("full_softmax", "sampled_softmax", "sampled_softmax_no_logq", "in_batch",
+          "in_batch_true_logq", "in_batch_no_logq", "mixed")
 
 
 @dataclass
@@ -147,6 +157,12 @@ def train(name: str, data: Interactions, args: argparse.Namespace, device: torch
     uniform = fused_nce.AliasSampler(torch.ones(data.num_items), device=device)
     history, lengths = data.history.to(device), data.lengths.to(device)
     batches = torch.Generator().manual_seed(args.seed)  # same data order for every model
+    # In-batch logQ: the streaming estimate, or the true log expected count log(B f_i).
+    estimator = fused_nce.FrequencyEstimator(2 ** 16, alpha=0.01).to(device)
+    true_log_q = torch.log(args.batch_size * data.counts / data.counts.sum()).float().to(device)
+    extras = torch.Generator(device).manual_seed(args.seed)
+    extra_log_q = torch.full((args.num_negatives,), math.log(args.num_negatives / data.num_items),
+                             device=device)
 
     def score_users(h: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
         return model.users(h, n) @ model.items.weight.T
@@ -174,9 +190,21 @@ def train(name: str, data: Interactions, args: argparse.Namespace, device: torch
             loss = fused_nce.sampled_softmax_loss(query, items, None, target, popularity,
                                                   num_negatives=args.num_negatives,
                                                   shared_negatives=True)
-        else:  # the same popularity-drawn negatives, scored as if q were uniform
+        elif name == "sampled_softmax_no_logq":  # popularity-drawn negatives, q taken as uniform
             loss = fused_nce.sampled_softmax_loss(query, items, None, target, uniform,
                                                   negatives=popularity.sample(args.num_negatives))
+        else:  # in-batch softmax; "mixed" adds uniformly drawn extra negatives
+            estimator.update(target)
+            log_q = {"in_batch_true_logq": true_log_q[target],
+                     "in_batch_no_logq": None}.get(name, estimator.log_expected_count(target))
+            mixed = {}
+            if name == "mixed":
+                extra_ids = torch.randint(data.num_items, (args.num_negatives,), generator=extras,
+                                          device=device)
+                mixed = dict(extra_candidates=items[extra_ids], extra_ids=extra_ids,
+                             extra_log_q=extra_log_q)
+            loss = fused_nce.in_batch_softmax_loss(query, items[target], target, log_q=log_q,
+                                                   **mixed)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -223,14 +251,16 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
         print(f"{name}: recall@10 {curves[-1]['recall@10']:.3f}, "
               f"recall@50 {curves[-1]['recall@50']:.3f}, {curves[-1]['train_s']:.1f} s")
     last = {r["model"]: r for r in curves}
+    # Time per epoch (one pass over the training interactions) at the median step time.
     summary = [{"model": r["model"], "recall@10": r["recall@10"], "recall@50": r["recall@50"],
                 "popular_share@10": r["popular_share@10"], "train_s": r["train_s"],
-                "examples_per_s": r["examples_per_s"]}
+                "examples_per_s": r["examples_per_s"],
+                "epoch_s": len(data.train_pairs) / r["examples_per_s"]}
                for r in last.values()]
     summary.append({"model": "popularity", **baseline})
     print(f"held-out items among the 1% most popular: {held_out_share:.3f}")
     print_table(summary, ["model", "recall@10", "recall@50", "popular_share@10", "train_s",
-                          "examples_per_s"])
+                          "examples_per_s", "epoch_s"])
     args.out.mkdir(parents=True, exist_ok=True)
     write_csv(args.out / "recsys_curves.csv", curves)
     write_csv(args.out / "recsys_summary.csv", summary)

@@ -80,12 +80,19 @@ def test_word2vec(tmp_path):
 def test_recsys(tmp_path):
     run_example("recsys.py", tmp_path, "--steps", "40", "--eval-every", "20")
     models = by(read_csv(tmp_path / "recsys_curves.csv"), "model")
-    assert set(models) == {"full_softmax", "sampled_softmax", "sampled_softmax_no_logq"}
+    assert set(models) == {"full_softmax", "sampled_softmax", "sampled_softmax_no_logq",
+                           "in_batch", "in_batch_true_logq", "in_batch_no_logq", "mixed"}
     for name, rows in models.items():
-        assert losses(rows)[-1] < losses(rows)[0], name
+        if name in ("in_batch", "mixed"):
+            # Their log q is the estimator's, still settling over 40 steps: the loss is not
+            # comparable from step to step, the recall is.
+            assert float(rows[-1]["recall@10"]) > float(rows[0]["recall@10"]), name
+        else:
+            assert losses(rows)[-1] < losses(rows)[0], name
         assert all(0.0 <= float(r["recall@10"]) <= float(r["recall@50"]) <= 1.0 for r in rows)
     summary = by(read_csv(tmp_path / "recsys_summary.csv"), "model")
     assert "popularity" in summary
+    assert all(float(summary[name][0]["epoch_s"]) > 0 for name in models)
     check_plot(tmp_path / "recsys_recall.png")
 
 

@@ -8,6 +8,7 @@ from .functional import (
     sampled_softmax_loss,
 )
 from .modules import NCELoss
+from .retrieval import FrequencyEstimator, in_batch_softmax_loss
 from .sampler import AliasSampler, log_uniform_weights, unigram_weights
 from .utils import init_output_bias_, log_partition
 
@@ -15,8 +16,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AliasSampler",
+    "FrequencyEstimator",
     "NCELoss",
     "full_softmax_loss",
+    "in_batch_softmax_loss",
     "init_output_bias_",
     "log_partition",
     "log_uniform_weights",

@@ -109,3 +109,42 @@ def full_softmax_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ta
     logits = F.linear(h, weight, bias).to(acc)
     loss = F.cross_entropy(logits, target.reshape(-1), ignore_index=ignore_index, reduction="none")
     return _reduce(loss, target, ignore_index, reduction)
+
+
+def in_batch_softmax_loss(query: Tensor, candidates: Tensor, candidate_ids: Tensor, *,
+                          log_q: Optional[Tensor] = None,
+                          extra_candidates: Optional[Tensor] = None,
+                          extra_ids: Optional[Tensor] = None,
+                          extra_log_q: Optional[Tensor] = None,
+                          temperature: Union[float, Tensor] = 1.0,
+                          remove_accidental_hits: bool = True,
+                          sample_weight: Optional[Tensor] = None,
+                          reduction: str = "mean") -> Tensor:
+    """In-batch (+ extra) softmax on the materialized ``[N, N + M]`` logits
+    ``<query_i, cand_j> / temperature - log_q_j``; the positive of query i is column i."""
+    acc = torch.float64 if query.dtype == torch.float64 else torch.float32
+    n = query.shape[0]
+    columns, ids = candidates.to(acc), candidate_ids
+    lq = log_q.to(acc) if log_q is not None else torch.zeros(n, dtype=acc, device=query.device)
+    if extra_candidates is not None and extra_ids is not None:
+        m = extra_candidates.shape[0]
+        columns = torch.cat([columns, extra_candidates.to(acc)])
+        ids = torch.cat([ids, extra_ids])
+        extra = (extra_log_q.to(acc) if extra_log_q is not None
+                 else torch.zeros(m, dtype=acc, device=query.device))
+        lq = torch.cat([lq, extra])
+    t = temperature.to(acc) if isinstance(temperature, Tensor) else temperature
+    logits = query.to(acc) @ columns.T / t - lq
+    rows = torch.arange(n, device=query.device)
+    if remove_accidental_hits:
+        hit = ids.unsqueeze(0) == candidate_ids.unsqueeze(1)
+        hit[rows, rows] = False
+        logits = logits.masked_fill(hit, float("-inf"))
+    loss = torch.logsumexp(logits, dim=1) - logits[rows, rows]
+    if sample_weight is not None:
+        loss = loss * sample_weight.to(acc)
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / n
