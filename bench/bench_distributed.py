@@ -84,13 +84,14 @@ def rank_main(rank: int, world_size: int, args: argparse.Namespace) -> List[Dict
                 times.append(elapsed)
         grad = weight.grad
         assert grad is not None
+        grad_bytes = grad.numel() * grad.element_size()
+        del grad  # holding it would keep two gradients alive in the next objective's first step
         rows.append(dict(
             objective=objective, rank=rank, world_size=world_size, rows=end - start,
-            w_grad_mb=(weight.numel() * weight.element_size() + grad.numel() * grad.element_size())
-            / 2**20,
+            w_grad_mb=(weight.numel() * weight.element_size() + grad_bytes) / 2**20,
             peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             median_ms=statistics.median(times) * 1e3, min_ms=min(times) * 1e3,
-            max_ms=max(times) * 1e3, comm_bytes=counter[0], loss=float(loss)))
+            max_ms=max(times) * 1e3, comm_bytes=counter[0], loss=float(loss.detach())))
     return rows
 
 

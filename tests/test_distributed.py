@@ -246,3 +246,48 @@ def test_no_group():
     with pytest.raises(RuntimeError, match="init_process_group"):
         fd.nce_loss(torch.zeros(2, 3), torch.zeros(5, 3), None, torch.zeros(2, dtype=torch.long),
                     torch.ones(5), num_negatives=2)
+
+
+def test_shard_ops_opcheck_and_sum_over_shards():
+    """The shard ops in one process: every shard's part adds up to the single-device loss and
+    gradients, the ops pass torch.library.opcheck, and an index outside the global V raises."""
+    from fused_nce._ops import ops
+
+    v, shards = 10, [(0, 4), (4, 8), (8, 10), (10, 10)]
+    hidden, weight, bias, target, noise, _ = make_inputs(v, torch.float64, 11, ignore=True)
+    q = noise / noise.sum()
+    negs = torch.randint(v, (N, K), generator=torch.Generator().manual_seed(0))
+    log_z = torch.tensor(0.2, dtype=torch.float64)
+    loss, coef = ops.sampled_loss_forward(hidden, weight, bias, target, negs, q, log_z, 0, True,
+                                          IGNORE)
+    grad_loss = torch.rand(N, dtype=torch.float64)
+    gh, gw, gb = ops.sampled_loss_backward(grad_loss, coef, hidden, weight, True, target, negs,
+                                           IGNORE)
+    total, total_gh = torch.zeros_like(loss), torch.zeros_like(gh)
+    for start, end in shards:
+        args = (hidden, weight[start:end], bias[start:end], target, negs, q, log_z, 0, True,
+                IGNORE, start, v)
+        part, part_coef = ops.shard_loss_forward(*args)
+        total += part
+        for mode in (0, 1, 2):
+            bargs = (grad_loss, part_coef, hidden, weight[start:end], True, target, negs, IGNORE,
+                     start, v, mode)
+            part_gh, rows, part_gw, part_gb = ops.shard_loss_backward(*bargs)
+            if mode == 0:
+                total_gh += part_gh
+                torch.testing.assert_close(part_gw, gw[start:end])
+                torch.testing.assert_close(part_gb, gb[start:end])
+            if mode == 1:
+                torch.testing.assert_close(part_gw, gw[start:end][rows])
+            torch.library.opcheck(ops.shard_loss_backward, bargs)
+        torch.library.opcheck(ops.shard_loss_forward, args)
+    torch.testing.assert_close(total, loss)
+    torch.testing.assert_close(total_gh, gh)
+    bad = negs.clone()
+    bad[2, 1] = v
+    with pytest.raises(ValueError, match="negatives"):
+        ops.shard_loss_forward(hidden, weight[:4], bias[:4], target, bad, q, log_z, 0, True,
+                               IGNORE, 0, v)
+    with pytest.raises(ValueError, match="do not fit"):
+        ops.shard_loss_forward(hidden, weight[:4], bias[:4], target, negs, q, log_z, 0, True,
+                               IGNORE, 8, v)

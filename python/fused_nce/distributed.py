@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import _shard_ops  # noqa: F401  (fake kernels of the shard ops)
 from . import functional as fn
 from ._mappings import Group, agree, all_reduce_, copy_to_group, resolve_group
 from ._ops import OBJECTIVES, _rows_to_sparse, accumulation_dtype, ops
@@ -395,9 +396,8 @@ class VocabParallelNCELoss(NCELoss):
         if self.objective == "nce":
             log_z = self.log_z if self.log_z is not None else 0.0
             return nce_loss(hidden, weight, bias, target, self.sampler, log_z=log_z, **common)
-        loss_fn = nce_loss if self.objective == "nce" else (
-            negative_sampling_loss if self.objective == "negative_sampling"
-            else sampled_softmax_loss)
+        loss_fn = (negative_sampling_loss if self.objective == "negative_sampling"
+                   else sampled_softmax_loss)
         loss: Tensor = loss_fn(hidden, weight, bias, target, self.sampler, **common)
         return loss
 
