@@ -104,4 +104,17 @@ void check_frequency_state(const at::Tensor& last_seen, const at::Tensor& gap,
                            const at::Tensor& step);
 int64_t in_batch_block_size(int64_t rows, int64_t columns, int64_t requested);
 
+// Vocab-parallel forward over one shard of W (ops.cpp: shard_loss_forward); the backward is one
+// composite for every backend (shard.cpp).
+std::tuple<at::Tensor, at::Tensor> shard_loss_forward_cpu(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& target, const at::Tensor& negatives,
+    const std::optional<at::Tensor>& noise_probs, const at::Tensor& log_z, int64_t objective,
+    bool remove_accidental_hits, int64_t ignore_index, int64_t row_start, int64_t num_classes);
+std::tuple<at::Tensor, at::Tensor> shard_loss_forward_cuda(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& target, const at::Tensor& negatives,
+    const std::optional<at::Tensor>& noise_probs, const at::Tensor& log_z, int64_t objective,
+    bool remove_accidental_hits, int64_t ignore_index, int64_t row_start, int64_t num_classes);
+
 }  // namespace fused_nce

@@ -1,0 +1,137 @@
+// Vocab-parallel forward on the CPU: the fused sampled loss over one shard of W. Each example's
+// owned target and negatives are read in place (global index minus row_start); the others are
+// neither read nor addressed. Per-term math from nce_math.h, as in nce_cpu.cpp.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <vector>
+
+#include "../checks.h"
+#include "../fused_nce.h"
+#include "../nce_math.h"
+#include "../shard.h"
+
+namespace fused_nce {
+namespace {
+
+template <typename scalar_t>
+using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+void check_global_indices(const at::Tensor& indices, int64_t num_classes, const char* name,
+                          bool has_ignore_index, int64_t ignore_index) {
+  const int64_t* p = indices.const_data_ptr<int64_t>();
+  for (int64_t e = 0, n = indices.numel(); e < n; ++e) {
+    const int64_t v = p[e];
+    TORCH_CHECK_VALUE((v >= 0 && v < num_classes) || (has_ignore_index && v == ignore_index),
+                      name, " holds the class index ", v, ", outside [0, ", num_classes,
+                      ") (num_classes, over all shards)");
+  }
+}
+
+// A pragma cannot sit inside the dispatch macro's argument: the dot product lives out here.
+template <typename acc_t, typename scalar_t>
+inline acc_t row_dot(const acc_t* a, const scalar_t* b, int64_t n) {
+  acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t d = 0; d < n; ++d) sum += a[d] * static_cast<acc_t>(b[d]);
+  return sum;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> shard_loss_forward_cpu(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& target, const at::Tensor& negatives,
+    const std::optional<at::Tensor>& noise_probs, const at::Tensor& log_z, int64_t objective,
+    bool remove_accidental_hits, int64_t ignore_index, int64_t row_start, int64_t num_classes) {
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  check_shapes(hidden, weight, bias, target, negatives);
+  check_shard(weight, row_start, num_classes);
+  check_shard_noise(noise_probs, log_z, objective, num_classes);
+  const auto tgt = target.contiguous();
+  const auto neg = negatives.contiguous();
+  check_global_indices(tgt, num_classes, "target", true, ignore_index);
+  check_global_indices(neg, num_classes, "negatives", false, 0);
+  const bool uses_noise = objective != kNegativeSampling;
+  const bool softmax = objective == kSampledSoftmax;
+
+  const auto h = rows_of(hidden);
+  const auto w = rows_of(weight);
+  const auto b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const auto q = uses_noise ? noise_probs->to(at::kFloat).contiguous() : at::Tensor();
+  const int64_t n_examples = h.size(0), dim = h.size(1), k = neg.size(-1), rows = w.size(0);
+  const bool shared = neg.dim() == 1;
+  const auto acc_dtype = h.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto stat = at::empty({n_examples}, h.options().dtype(acc_dtype));
+  auto coef = at::empty({n_examples, 1 + k}, h.options().dtype(acc_dtype));
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(),
+                                  "shard_loss_forward_cpu", [&] {
+    using acc_t = acc_type<scalar_t>;
+    constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+    const acc_t log_z_value = static_cast<acc_t>(log_z.item<double>());
+    // The shift uses the global k: every rank sees all k negatives, owned or not.
+    const acc_t shift = binary_shift(objective, log_z_value, k);
+    const scalar_t* hp = h.const_data_ptr<scalar_t>();
+    const scalar_t* wp = w.const_data_ptr<scalar_t>();
+    const scalar_t* bp = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
+    const int64_t* tp = tgt.const_data_ptr<int64_t>();
+    const int64_t* np = neg.const_data_ptr<int64_t>();
+    const float* qp = uses_noise ? q.const_data_ptr<float>() : nullptr;
+    acc_t* statp = stat.mutable_data_ptr<acc_t>();
+    acc_t* coefp = coef.mutable_data_ptr<acc_t>();
+    const int64_t h_stride = h.stride(0), w_stride = w.stride(0);
+    // What an entry that this shard does not hold leaves behind: no loss, no gradient (binary);
+    // a logit of -inf (softmax).
+    const acc_t absent = softmax ? kNegInf : acc_t(0);
+
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, (1 + k) * dim));
+    at::parallel_for(0, n_examples, grain, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> h_row(dim);
+      for (int64_t i = begin; i < end; ++i) {
+        acc_t* s = coefp + i * (1 + k);
+        const int64_t t = tp[i];
+        if (t == ignore_index) {
+          statp[i] = absent;
+          std::fill(s, s + 1 + k, absent);
+          continue;
+        }
+        for (int64_t d = 0; d < dim; ++d) h_row[d] = static_cast<acc_t>(hp[i * h_stride + d]);
+        const int64_t* negs = shared ? np : np + i * k;
+        acc_t partial = softmax ? kNegInf : acc_t(0);
+        for (int64_t j = 0; j <= k; ++j) {
+          const int64_t c = j == 0 ? t : negs[j - 1];
+          const bool dropped = j > 0 && remove_accidental_hits && c == t;
+          if (dropped || !owns(c, row_start, rows)) {
+            s[j] = absent;
+            continue;
+          }
+          const int64_t r = c - row_start;
+          const scalar_t* w_row = wp + r * w_stride;
+          const acc_t score = row_dot(h_row.data(), w_row, dim) + (bp ? static_cast<acc_t>(bp[r]) : acc_t(0));
+          const acc_t log_q = uses_noise ? log_noise_prob<acc_t>(qp[c]) : acc_t(0);
+          if (softmax) {
+            s[j] = score - log_q;
+            if (s[j] > partial) partial = s[j];
+          } else {
+            const Term<acc_t> term = binary_term(j == 0, binary_logit(objective, score, log_q, shift));
+            partial += term.loss;
+            s[j] = term.grad;
+          }
+        }
+        statp[i] = partial;
+      }
+    });
+  });
+  return {stat, coef};
+}
+
+TORCH_LIBRARY_IMPL(fused_nce, CPU, m) {
+  m.impl("shard_loss_forward", &shard_loss_forward_cpu);
+}
+
+}  // namespace fused_nce

@@ -1,0 +1,403 @@
+"""Vocab-parallel sampled losses: the rows of the output embedding split over a process group.
+
+The rank with index r of a group of P ranks owns rows ``[min(V, r c), min(V, (r + 1) c))`` of the
+``[V, D]`` embedding, ``c = ceil(V / P)`` (the split of a DTensor placed ``Shard(0)``). ``hidden``,
+``target``, the negatives, the noise and ``log_z`` are replicated: every rank draws the same
+negatives from one alias table over all V classes with the same generator state.
+
+Forward: each rank's kernel reads only its own rows (``fused_nce::shard_loss_forward``). NCE and
+negative sampling sum over the ranks one ``[N]`` vector of partial losses; sampled softmax and
+the full softmax combine per-rank maxima and sums of exponentials into the global log-sum-exp::
+
+    M_i = max_r m_ri,    S_i = sum_r sum_{w owned by r} exp(o_i(w) - M_i),    lse_i = M_i + log S_i
+
+(two all-reduces of ``[N]``: max, then the sums stacked with the target's logit), after which
+each rank's coefficients ``softmax - [target]`` follow locally. Backward: one all-reduce of
+``grad_hidden``; each shard's gradient (dense or sparse rows) stays on its rank.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Tuple, Union
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import _shard_ops  # noqa: F401  (fake kernels of the shard ops)
+from . import functional as fn
+from ._mappings import Group, agree, all_reduce_, copy_to_group, resolve_group
+from ._ops import OBJECTIVES, _rows_to_sparse, accumulation_dtype, ops
+from .modules import NCELoss
+from .sampler import AliasSampler
+
+__all__ = ["shard_range", "nce_loss", "negative_sampling_loss", "sampled_softmax_loss",
+           "full_softmax_loss", "VocabParallelNCELoss"]
+
+SOFTMAX = OBJECTIVES["sampled_softmax"]
+NCE = OBJECTIVES["nce"]
+# Backward modes of fused_nce::shard_loss_backward.
+_DENSE, _ROWS, _HIDDEN = 0, 1, 2
+
+
+def shard_range(num_classes: int, group: Group = None) -> Tuple[int, int]:
+    """``(start, end)``: the rows of the ``[num_classes, D]`` embedding this rank owns."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
+    pg = resolve_group(group)
+    return _range(num_classes, dist.get_rank(pg), dist.get_world_size(pg))
+
+
+def _range(num_classes: int, rank: int, size: int) -> Tuple[int, int]:
+    per_rank = -(-num_classes // size)
+    return min(num_classes, rank * per_rank), min(num_classes, (rank + 1) * per_rank)
+
+
+def _num_classes(noise: object, num_classes: Optional[int]) -> int:
+    from_noise: Optional[int] = None
+    if isinstance(noise, AliasSampler):
+        from_noise = noise.num_classes
+    elif isinstance(noise, Tensor) and noise.dim() == 1:
+        from_noise = noise.shape[0]
+    if num_classes is not None:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
+        if from_noise is not None and from_noise != num_classes:
+            raise ValueError(f"num_classes={num_classes} disagrees with noise ({from_noise} "
+                             "classes)")
+        return num_classes
+    if from_noise is None:
+        raise ValueError("num_classes is required when there is no noise to read V from")
+    return from_noise
+
+
+def _check_shard(hidden: object, weight: object, bias: object, start: int,
+                 end: int) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """``fused_nce``'s model checks, with ``weight`` the shard ``[end - start, D]``."""
+    weight_t = fn._check_tensor(weight, "weight")
+    if weight_t.dim() != 2 or weight_t.shape[0] != end - start:
+        raise ValueError(f"weight must be this rank's shard of rows [{start}, {end}): "
+                         f"[{end - start}, D], got shape {tuple(weight_t.shape)}")
+    if end == start:
+        # A rank may own no rows (V < P ranks' split): fn._check_model wants one, so the
+        # dtype / device / D checks run against a one-row stand-in of the same kind.
+        h, _, _ = fn._check_model(hidden, weight_t.new_empty((1, weight_t.shape[1])), None)
+        if bias is not None:
+            bias_t = fn._check_tensor(bias, "bias")
+            if bias_t.shape != (0,) or bias_t.dtype != weight_t.dtype:
+                raise ValueError(f"bias must be this rank's (empty) shard [0] of "
+                                 f"{weight_t.dtype}, got {tuple(bias_t.shape)} {bias_t.dtype}")
+            return h, weight_t, bias_t
+        return h, weight_t, None
+    return fn._check_model(hidden, weight_t, bias)
+
+
+class _ShardedLoss(torch.autograd.Function):
+    """Per-example loss [N] over all shards (replicated), differentiable in this rank's hidden
+    part, shard, bias shard and log_z; the forward does the [N] collectives."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], log_z: Tensor,
+                target: Tensor, negatives: Tensor, noise_probs: Optional[Tensor], objective: int,
+                remove_accidental_hits: bool, ignore_index: int, sparse_grad: bool,
+                start: int, num_classes: int, group: dist.ProcessGroup) -> Tensor:
+        stat, coef = ops.shard_loss_forward(hidden, weight, bias, target, negatives, noise_probs,
+                                            log_z, objective, remove_accidental_hits,
+                                            ignore_index, start, num_classes)
+        if objective != SOFTMAX:
+            loss = all_reduce_(stat, group)
+        else:
+            loss, coef = _global_softmax(stat, coef, target, ignore_index, start,
+                                         start + weight.shape[0], group)
+        ctx.save_for_backward(hidden, weight, target, negatives, coef)
+        ctx.args = (bias is not None, objective, ignore_index, sparse_grad, start, num_classes)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_loss: Tensor) -> Tuple[Optional[Tensor], ...]:
+        hidden, weight, target, negatives, coef = ctx.saved_tensors
+        has_bias, objective, ignore_index, sparse_grad, start, num_classes = ctx.args
+        needs = ctx.needs_input_grad
+        grad_hidden = grad_weight = grad_bias = grad_log_z = None
+        if needs[0] or needs[1] or needs[2]:
+            mode = _HIDDEN if not (needs[1] or needs[2]) else (_ROWS if sparse_grad else _DENSE)
+            grad_hidden, rows, grad_weight, grad_bias = ops.shard_loss_backward(
+                grad_loss, coef, hidden, weight, has_bias, target, negatives, ignore_index,
+                start, num_classes, mode)
+            if mode == _HIDDEN:
+                grad_weight = grad_bias = None
+            elif mode == _ROWS:
+                grad_weight = _rows_to_sparse(rows, grad_weight, weight.shape)
+                grad_bias = _rows_to_sparse(rows, grad_bias, weight.shape[:1]) if has_bias else None
+            if not has_bias:
+                grad_bias = None
+        if needs[3] and objective == NCE:
+            # This shard's part of dloss/dlog_z; copy_to_group sums the parts.
+            grad_log_z = -(grad_loss.unsqueeze(1) * coef).sum()
+        return (grad_hidden, grad_weight, grad_bias, grad_log_z) + (None,) * 10
+
+
+def _global_softmax(local_max: Tensor, logits: Tensor, target: Tensor, ignore_index: int,
+                    start: int, end: int, group: dist.ProcessGroup) -> Tuple[Tensor, Tensor]:
+    """Loss [N] and this shard's coefficients softmax - [target] from the owned logits (-inf
+    elsewhere) and their per-example maxima, by one max and one sum all-reduce of [N]."""
+    keep = target != ignore_index
+    top = all_reduce_(local_max, group, dist.ReduceOp.MAX)
+    top = torch.where(keep, top, torch.zeros_like(top))  # ignored examples: -inf everywhere
+    owns_target = keep & (target >= start) & (target < end)
+    sums = torch.stack([torch.exp(logits - top.unsqueeze(1)).sum(1),
+                        torch.where(owns_target, logits[:, 0], torch.zeros_like(top))])
+    all_reduce_(sums, group)
+    lse = torch.where(keep, top + torch.log(sums[0]), torch.zeros_like(top))
+    loss = torch.where(keep, lse - sums[1], torch.zeros_like(top))
+    coef = torch.exp(logits - lse.unsqueeze(1))
+    coef[:, 0] -= owns_target.to(coef.dtype)
+    return loss, coef
+
+
+def _sharded_loss(objective: str, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
+                  target: Tensor, noise: Optional[fn.Noise], num_negatives: Optional[int],
+                  negatives: Optional[Tensor], shared_negatives: bool,
+                  log_z: Union[float, Tensor], remove_accidental_hits: bool, ignore_index: int,
+                  reduction: str, generator: Optional[torch.Generator], sparse_grad: bool,
+                  group: Group, num_classes: Optional[int]) -> Tensor:
+    pg = resolve_group(group)
+    rank, size = dist.get_rank(pg), dist.get_world_size(pg)
+    error: Optional[BaseException] = None
+    fields = [0] * 6
+    try:
+        v = _num_classes(noise, num_classes)
+        start, end = _range(v, rank, size)
+        hidden, weight, bias = _check_shard(*fn._autocast(hidden, weight, bias, sparse_grad),
+                                            start, end)
+        target = fn._check_target(target, hidden)
+        reduction = fn._check_reduction(reduction)
+        device = hidden.device
+        uses_noise = objective != "negative_sampling"
+        sampler = fn._as_sampler(noise, v, device) if noise is not None else None
+        if sampler is None and (uses_noise or negatives is None):
+            raise ValueError(f"noise is required for {objective} unless it is negative sampling "
+                             "with explicit negatives")
+        negs = fn._negatives(negatives, num_negatives, shared_negatives, sampler, target.shape,
+                             device, generator)
+        acc = accumulation_dtype(hidden.dtype)
+        if isinstance(log_z, Tensor):
+            if log_z.numel() != 1 or log_z.dim() != 0:
+                raise ValueError(f"log_z must be a float or a 0-dim tensor, got shape "
+                                 f"{tuple(log_z.shape)}")
+            log_z_t = log_z.to(device=device, dtype=acc)
+        elif isinstance(log_z, (int, float)) and not isinstance(log_z, bool):
+            log_z_t = torch.full((), float(log_z), dtype=acc, device=device)
+        else:
+            raise TypeError(f"log_z must be a float or a 0-dim tensor, got {type(log_z).__name__}")
+        flat_target = target.reshape(-1)
+        # Replicated inputs must be equal on every rank: a cheap fingerprint of the indices (a
+        # rank whose generator state differs draws other negatives).
+        fields = [v, hidden.shape[-1], flat_target.numel(), negs.shape[-1],
+                  int(flat_target.sum()), int(negs.sum())]
+    except (ValueError, TypeError) as caught:
+        error = caught
+    agree(fields, error, pg, ["num_classes (V)", "hidden's last dim (D)",
+                              "the number of examples (N)", "the number of negatives (k)",
+                              "target", "negatives (seed every rank's generator alike)"],
+          like=hidden if isinstance(hidden, Tensor) else None)
+
+    h = copy_to_group(hidden.reshape(-1, hidden.shape[-1]), pg)
+    lz = copy_to_group(log_z_t, pg) if objective == "nce" else log_z_t
+    noise_probs = sampler.probs if (uses_noise and sampler is not None) else None
+    loss: Tensor = _ShardedLoss.apply(  # type: ignore[no-untyped-call]
+        h, weight, bias, lz, flat_target, negs, noise_probs, OBJECTIVES[objective],
+        bool(remove_accidental_hits), int(ignore_index), bool(sparse_grad), start, v, pg)
+    return _reduce(loss, target, ignore_index, reduction)
+
+
+def _reduce(loss: Tensor, target: Tensor, ignore_index: int, reduction: str) -> Tensor:
+    if reduction == "none":
+        return loss.reshape(target.shape)
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / (target != ignore_index).sum().clamp_min(1)
+
+
+def nce_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+             noise: Optional[fn.Noise] = None, *, num_negatives: Optional[int] = None,
+             negatives: Optional[Tensor] = None, shared_negatives: bool = False,
+             log_z: Union[float, Tensor] = 0.0, remove_accidental_hits: bool = False,
+             ignore_index: int = -100, reduction: str = "mean",
+             generator: Optional[torch.Generator] = None, sparse_grad: bool = False,
+             group: Group = None, num_classes: Optional[int] = None) -> Tensor:
+    """:func:`fused_nce.nce_loss` with ``weight`` / ``bias`` this rank's shard (rows
+    :func:`shard_range`) of the ``[V, D]`` / ``[V]`` output layer over ``group``.
+
+    ``hidden``, ``target``, ``negatives``, ``noise``, ``log_z`` and the generator state must be
+    the same on every rank. V is ``noise.num_classes`` (or ``num_classes``). Every rank returns
+    the loss of the whole layer; ``hidden`` and ``log_z`` get their full gradient on every rank,
+    the shard its rows of the full gradient.
+    """
+    return _sharded_loss("nce", hidden, weight, bias, target, noise, num_negatives, negatives,
+                         shared_negatives, log_z, remove_accidental_hits, ignore_index,
+                         reduction, generator, sparse_grad, group, num_classes)
+
+
+def negative_sampling_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+                           noise: Optional[fn.Noise] = None, *,
+                           num_negatives: Optional[int] = None,
+                           negatives: Optional[Tensor] = None, shared_negatives: bool = False,
+                           remove_accidental_hits: bool = False, ignore_index: int = -100,
+                           reduction: str = "mean", generator: Optional[torch.Generator] = None,
+                           sparse_grad: bool = False, group: Group = None,
+                           num_classes: Optional[int] = None) -> Tensor:
+    """:func:`fused_nce.negative_sampling_loss` over a vocab-parallel shard (see
+    :func:`nce_loss`); pass ``num_classes`` when there is no noise."""
+    return _sharded_loss("negative_sampling", hidden, weight, bias, target, noise, num_negatives,
+                         negatives, shared_negatives, 0.0, remove_accidental_hits, ignore_index,
+                         reduction, generator, sparse_grad, group, num_classes)
+
+
+def sampled_softmax_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+                         noise: Optional[fn.Noise] = None, *,
+                         num_negatives: Optional[int] = None,
+                         negatives: Optional[Tensor] = None, shared_negatives: bool = False,
+                         remove_accidental_hits: bool = True, ignore_index: int = -100,
+                         reduction: str = "mean", generator: Optional[torch.Generator] = None,
+                         sparse_grad: bool = False, group: Group = None,
+                         num_classes: Optional[int] = None) -> Tensor:
+    """:func:`fused_nce.sampled_softmax_loss` over a vocab-parallel shard (see :func:`nce_loss`);
+    the log-sum-exp over the example's logits is combined across the ranks."""
+    return _sharded_loss("sampled_softmax", hidden, weight, bias, target, noise, num_negatives,
+                         negatives, shared_negatives, 0.0, remove_accidental_hits, ignore_index,
+                         reduction, generator, sparse_grad, group, num_classes)
+
+
+class _FullSoftmax(torch.autograd.Function):
+    """Exact cross-entropy [N] over all shards; logits a chunk of columns at a time, recomputed
+    in backward instead of kept."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+                keep: Tensor, start: int, step: int, group: dist.ProcessGroup) -> Tensor:
+        acc = accumulation_dtype(hidden.dtype)
+        h = hidden.to(acc)
+        rows = weight.shape[0]
+        parts = [torch.logsumexp(_logits(h, weight, bias, c, step, acc), dim=1)
+                 for c in range(0, rows, step)]
+        local = (torch.logsumexp(torch.stack(parts, 1), 1) if parts
+                 else h.new_full((h.shape[0],), float("-inf")))
+        top = all_reduce_(local.clone(), group, dist.ReduceOp.MAX)
+        owned = keep & (target >= start) & (target < start + rows)
+        local_t = (target - start).clamp(0, max(rows - 1, 0))
+        target_logit = torch.zeros_like(top)
+        if rows > 0:
+            picked = (h * weight.index_select(0, local_t).to(acc)).sum(1)
+            if bias is not None:
+                picked = picked + bias.index_select(0, local_t).to(acc)
+            target_logit = torch.where(owned, picked, target_logit)
+        sums = all_reduce_(torch.stack([torch.exp(local - top), target_logit]), group)
+        lse = top + torch.log(sums[0])
+        ctx.save_for_backward(hidden, weight, bias, lse, owned, local_t, keep)
+        ctx.step = step
+        return torch.where(keep, lse - sums[1], torch.zeros_like(lse))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_loss: Tensor) -> Tuple[Optional[Tensor], ...]:
+        hidden, weight, bias, lse, owned, local_t, keep = ctx.saved_tensors
+        acc = lse.dtype
+        h = hidden.to(acc)
+        g = torch.where(keep, grad_loss.to(acc), torch.zeros_like(lse))
+        grad_h = torch.zeros_like(h)
+        grad_w = torch.empty(weight.shape, dtype=acc, device=weight.device)
+        grad_b = torch.empty(weight.shape[:1], dtype=acc, device=weight.device)
+        step = ctx.step
+        examples = torch.arange(h.shape[0], device=h.device)
+        for c in range(0, weight.shape[0], step):
+            coef = torch.exp(_logits(h, weight, bias, c, step, acc) - lse.unsqueeze(1))
+            coef.mul_(g.unsqueeze(1))
+            # The target's column, where this chunk holds it: softmax - 1.
+            in_chunk = owned & (local_t >= c) & (local_t < c + coef.shape[1])
+            coef[examples[in_chunk], local_t[in_chunk] - c] -= g[in_chunk]
+            w = weight[c:c + step].to(acc)
+            grad_h.addmm_(coef, w)
+            grad_w[c:c + step] = coef.t() @ h
+            grad_b[c:c + step] = coef.sum(0)
+        return (grad_h.to(hidden.dtype), grad_w.to(weight.dtype),
+                grad_b.to(weight.dtype) if bias is not None else None) + (None,) * 5
+
+
+def _logits(h: Tensor, weight: Tensor, bias: Optional[Tensor], c: int, step: int,
+            acc: torch.dtype) -> Tensor:
+    b = bias[c:c + step].to(acc) if bias is not None else None
+    return F.linear(h, weight[c:c + step].to(acc), b)
+
+
+def full_softmax_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, *,
+                      group: Group = None, num_classes: Optional[int] = None,
+                      ignore_index: int = -100, reduction: str = "mean",
+                      chunk_size: Optional[int] = None) -> Tensor:
+    """Exact vocab-parallel cross-entropy (evaluation, perplexity) with ``weight`` / ``bias``
+    this rank's shard; equal to :func:`fused_nce.full_softmax_loss` on the whole layer. Holds at
+    most ``chunk_size`` columns of logits at once (all of the shard's when None)."""
+    pg = resolve_group(group)
+    rank, size = dist.get_rank(pg), dist.get_world_size(pg)
+    error: Optional[BaseException] = None
+    fields = [0, 0, 0, 0]
+    try:
+        if num_classes is None:
+            raise ValueError("num_classes (V, over all shards) is required")
+        v = _num_classes(None, num_classes)
+        start, end = _range(v, rank, size)
+        hidden, weight, bias = _check_shard(*fn._autocast(hidden, weight, bias), start, end)
+        target = fn._check_target(target, hidden)
+        reduction = fn._check_reduction(reduction)
+        if chunk_size is not None and (isinstance(chunk_size, bool)
+                                       or not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+        flat = target.reshape(-1)
+        keep = flat != ignore_index
+        if bool(((flat < 0) | (flat >= v))[keep].any()):
+            raise ValueError(f"target holds class indices outside [0, {v})")
+        fields = [v, hidden.shape[-1], flat.numel(), int(flat.sum())]
+    except (ValueError, TypeError) as caught:
+        error = caught
+    agree(fields, error, pg, ["num_classes (V)", "hidden's last dim (D)",
+                              "the number of examples (N)", "target"],
+          like=hidden if isinstance(hidden, Tensor) else None)
+    step = max(1, chunk_size if chunk_size is not None else end - start)
+    h = copy_to_group(hidden.reshape(-1, hidden.shape[-1]), pg)
+    with torch.autocast(hidden.device.type, enabled=False):
+        loss: Tensor = _FullSoftmax.apply(  # type: ignore[no-untyped-call]
+            h, weight, bias, flat, keep, start, step, pg)
+    return _reduce(loss, target, ignore_index, reduction)
+
+
+class VocabParallelNCELoss(NCELoss):
+    """:class:`fused_nce.NCELoss` over a vocab-parallel output layer: call it with this rank's
+    shard of the weight and bias (rows :func:`shard_range`). The noise table covers all V classes
+    on every rank, so every rank draws the same negatives from the same generator state."""
+
+    def __init__(self, num_classes: int, noise_weights: Tensor, num_negatives: int, *,
+                 group: Group = None, **kwargs: Any) -> None:
+        super().__init__(num_classes, noise_weights, num_negatives, **kwargs)
+        self.group = group
+
+    def shard_range(self) -> Tuple[int, int]:
+        """This rank's rows of the output layer."""
+        return shard_range(self.num_classes, self.group)
+
+    def forward(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+                *, generator: Optional[torch.Generator] = None) -> Tensor:
+        common: Dict[str, Any] = dict(
+            num_negatives=self.num_negatives, shared_negatives=self.shared_negatives,
+            remove_accidental_hits=self.remove_accidental_hits, ignore_index=self.ignore_index,
+            reduction=self.reduction, generator=generator, sparse_grad=self.sparse_grad,
+            group=self.group, num_classes=self.num_classes)
+        if self.objective == "nce":
+            log_z = self.log_z if self.log_z is not None else 0.0
+            return nce_loss(hidden, weight, bias, target, self.sampler, log_z=log_z, **common)
+        loss_fn = (negative_sampling_loss if self.objective == "negative_sampling"
+                   else sampled_softmax_loss)
+        loss: Tensor = loss_fn(hidden, weight, bias, target, self.sampler, **common)
+        return loss
+

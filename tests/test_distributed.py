@@ -1,0 +1,293 @@
+"""fused_nce.distributed over real processes (gloo): loss and every gradient equal the
+single-process fused_nce result on the whole output layer, for 2 and 3 ranks, even and uneven
+splits (a rank may own no rows). Each launch runs many cases; each rank compares its own results
+and returns the failures."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import fused_nce
+import fused_nce.distributed as fd
+from dist_helpers import run_ranks
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+N, D, K = 7, 5, 4
+IGNORE = -100
+TOL = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=2e-5, atol=2e-6)}
+FUNCS = {"nce": (fused_nce.nce_loss, fd.nce_loss),
+         "negative_sampling": (fused_nce.negative_sampling_loss, fd.negative_sampling_loss),
+         "sampled_softmax": (fused_nce.sampled_softmax_loss, fd.sampled_softmax_loss)}
+
+
+def make_inputs(v: int, dtype: torch.dtype, seed: int, ignore: bool):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, D, generator=g, dtype=torch.float64).to(dtype)
+    weight = torch.randn(v, D, generator=g, dtype=torch.float64).to(dtype)
+    bias = torch.randn(v, generator=g, dtype=torch.float64).to(dtype)
+    target = torch.randint(v, (N,), generator=g)
+    if ignore:
+        target[1] = target[4] = IGNORE
+    noise = torch.rand(v, generator=g, dtype=torch.float64) + 0.1
+    upstream = torch.randn(N, generator=g, dtype=torch.float64)  # weights a "none" loss
+    return hidden, weight, bias, target, noise, upstream
+
+
+def leaf(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().clone().requires_grad_(True)
+
+
+def run_case(v, objective, shared, with_bias, log_z, ignore, hits, reduction, dtype, sparse,
+             explicit, seed, rank):
+    """Returns the list of mismatches (empty when the distributed result equals the local one)."""
+    start, end = fd.shard_range(v)
+    hidden, weight, bias, target, noise, upstream = make_inputs(v, dtype, seed, ignore)
+    local_fn, dist_fn = FUNCS[objective]
+    kwargs = dict(shared_negatives=shared, remove_accidental_hits=hits, ignore_index=IGNORE,
+                  reduction=reduction, sparse_grad=sparse)
+    if explicit:
+        g = torch.Generator().manual_seed(seed + 1)
+        kwargs["negatives"] = torch.randint(v, (K,) if shared else (N, K), generator=g)
+    else:
+        kwargs["num_negatives"] = K
+    results = []
+    for distributed in (False, True):
+        h, w = leaf(hidden), leaf(weight if not distributed else weight[start:end])
+        b = (leaf(bias if not distributed else bias[start:end])) if with_bias else None
+        extra = dict(kwargs)
+        lz = None
+        if objective == "nce":
+            lz = leaf(torch.tensor(0.3, dtype=torch.float64)) if log_z == "learned" else None
+            extra["log_z"] = lz if lz is not None else log_z
+        if distributed:
+            extra["num_classes"] = v
+        torch.manual_seed(seed)  # the same draws on every rank and in the local run
+        loss = (dist_fn if distributed else local_fn)(h, w, b, target, noise, **extra)
+        (loss * upstream.to(loss.dtype)).sum().backward() if reduction == "none" else loss.backward()
+        grads = {"hidden": h.grad, "weight": w.grad.to_dense(),
+                 "bias": b.grad.to_dense() if b is not None else None,
+                 "log_z": lz.grad if lz is not None else None}
+        if distributed and sparse:
+            assert w.grad.is_sparse
+        results.append((loss.detach(), grads))
+    (loss0, g0), (loss1, g1) = results
+    problems = []
+    tol = TOL[dtype]
+
+    def compare(name, actual, expected):
+        try:
+            torch.testing.assert_close(actual, expected, **tol)
+        except AssertionError as error:
+            problems.append(f"{name}: {str(error).splitlines()[0:3]}")
+
+    compare("loss", loss1, loss0)
+    compare("hidden", g1["hidden"], g0["hidden"])
+    compare("weight", g1["weight"], g0["weight"][start:end])
+    if with_bias:
+        compare("bias", g1["bias"], g0["bias"][start:end])
+    if g0["log_z"] is not None:
+        compare("log_z", g1["log_z"], g0["log_z"])
+    if not bool(torch.isfinite(loss0).all()) or float(g0["hidden"].abs().sum()) == 0:
+        problems.append("degenerate case: the reference is not finite or has no gradient")
+    return problems
+
+
+def grid(v: int):
+    """Every objective x shared x bias x ignore_index x hits (float64), reductions and NCE's
+    log_z (0, a constant, learned) taken in turn, plus a float32 / sparse_grad / explicit
+    negatives sample."""
+    cases = []
+    product = itertools.product(FUNCS, (False, True), (False, True), (False, True), (False, True))
+    for index, (objective, shared, with_bias, ignore, hits) in enumerate(product):
+        reduction = ("mean", "sum", "none")[index % 3]
+        log_z = (0.0, 0.7, "learned")[index % 3 if objective == "nce" else 0]
+        cases.append((v, objective, shared, with_bias, log_z, ignore, hits, reduction,
+                      torch.float64, False, False))
+    for objective, shared in itertools.product(FUNCS, (False, True)):
+        cases.append((v, objective, shared, True, "learned" if objective == "nce" else 0.0, True,
+                      True, "mean", torch.float32, False, False))
+        cases.append((v, objective, shared, True, 0.0, True, False, "sum", torch.float64, True,
+                      False))
+        cases.append((v, objective, shared, False, 0.0, False, True, "none", torch.float64,
+                      False, True))
+    return cases
+
+
+def check_grid(rank: int, num_classes: list) -> list:
+    failures = []
+    for v in num_classes:
+        for index, case in enumerate(grid(v)):
+            problems = run_case(*case, seed=1000 * v + index, rank=rank)
+            if problems:
+                failures.append(f"rank {rank} case {case}: {problems}")
+    return failures
+
+
+def check_all(rank: int, world_size: int, num_classes: list, bad_input: bool) -> list:
+    """Everything one launch checks (process start-up costs more than all the cases)."""
+    failures = check_grid(rank, num_classes) + check_full_softmax_and_sgd(rank)
+    return failures + (check_bad_input(rank) if bad_input else [])
+
+
+# P = 2 and 3 ranks; V = 10 over 3 is uneven (4, 4, 2) and V = 2 over 3 leaves a rank no rows.
+@pytest.mark.parametrize("world_size,num_classes,bad_input", [(2, [9], False), (3, [10, 2], True)],
+                         ids=["P2-V9", "P3-V10-V2"])
+def test_equals_single_process(world_size, num_classes, bad_input):
+    for failures in run_ranks(check_all, world_size, num_classes, bad_input):
+        assert not failures, "\n".join(failures[:10])
+
+
+def check_full_softmax_and_sgd(rank: int) -> list:
+    failures = []
+    v = 11
+    start, end = fd.shard_range(v)
+    for dtype, with_bias, reduction, chunk in itertools.product(
+            (torch.float64, torch.float32), (False, True), ("mean", "sum", "none"), (None, 2)):
+        hidden, weight, bias, target, _, upstream = make_inputs(v, dtype, 7, ignore=True)
+        h, w = leaf(hidden), leaf(weight[start:end])
+        b = leaf(bias[start:end]) if with_bias else None
+        loss = fd.full_softmax_loss(h, w, b, target, num_classes=v, reduction=reduction,
+                                    ignore_index=IGNORE, chunk_size=chunk)
+        h0, w0 = leaf(hidden), leaf(weight)
+        b0 = leaf(bias) if with_bias else None
+        logits = F.linear(h0.double(), w0.double(), b0.double() if with_bias else None)
+        expected = F.cross_entropy(logits, target, ignore_index=IGNORE, reduction=reduction)
+        if reduction == "none":
+            (loss * upstream.to(loss.dtype)).sum().backward()
+            (expected * upstream).sum().backward()
+        else:
+            loss.backward()
+            expected.backward()
+        try:
+            tol = TOL[dtype]
+            torch.testing.assert_close(loss.double(), expected, **tol)
+            torch.testing.assert_close(h.grad.double(), h0.grad.double(), **tol)
+            torch.testing.assert_close(w.grad.double(), w0.grad[start:end].double(), **tol)
+            if with_bias:
+                torch.testing.assert_close(b.grad.double(), b0.grad[start:end].double(), **tol)
+        except AssertionError as error:
+            failures.append(f"full softmax {dtype} {with_bias} {reduction} {chunk}: {error}")
+    # sparse_grad=True with torch.optim.SGD on each shard: the same steps as one process.
+    hidden, weight, bias, target, noise, _ = make_inputs(v, torch.float64, 3, ignore=False)
+    shard = torch.nn.Parameter(weight[start:end].clone())
+    full = torch.nn.Parameter(weight.clone())
+    opts = [torch.optim.SGD([shard], lr=0.5), torch.optim.SGD([full], lr=0.5)]
+    for step in range(3):
+        for param, opt, fn in ((shard, opts[0], fd.nce_loss), (full, opts[1], fused_nce.nce_loss)):
+            opt.zero_grad()
+            torch.manual_seed(step)
+            fn(hidden, param, None, target, noise, num_negatives=K, sparse_grad=True).backward()
+            opt.step()
+    if not torch.allclose(shard.detach(), full.detach()[start:end], rtol=1e-12, atol=1e-12):
+        failures.append("sparse SGD on the shards differs from SGD on the whole layer")
+    if torch.equal(full.detach(), weight):
+        failures.append("SGD did not move the weights")
+    return failures
+
+
+def expect_error(call, kind, words):
+    try:
+        call()
+    except kind as error:
+        missing = [w for w in words if w not in str(error)]
+        return [f"{kind.__name__} without {missing}: {error}"] if missing else []
+    except Exception as error:  # noqa: BLE001
+        return [f"expected {kind.__name__}, got {type(error).__name__}: {error}"]
+    return [f"expected {kind.__name__}, nothing raised"]
+
+
+def check_bad_input(rank: int) -> list:
+    v = 10
+    start, end = fd.shard_range(v)
+    hidden, weight, bias, target, noise, _ = make_inputs(v, torch.float64, 5, ignore=False)
+    w = weight[start:end]
+    problems = []
+    # One rank passes a shard of the wrong size: it names weight, the others stop too.
+    bad = weight[start:end + 1] if rank == 1 else w
+    problems += expect_error(lambda: fd.nce_loss(hidden, bad, None, target, noise, num_negatives=K),
+                             ValueError if rank == 1 else RuntimeError,
+                             ["weight", f"[{start}, {end})"] if rank == 1 else ["rank(s) [1]"])
+    # Ranks disagree on V.
+    v_r = v + (rank == 0)
+    s_r, e_r = fd.shard_range(v_r)
+    problems += expect_error(
+        lambda: fd.negative_sampling_loss(hidden, torch.zeros(e_r - s_r, D, dtype=torch.float64),
+                                          None, target, num_classes=v_r,
+                                          negatives=torch.zeros(N, K, dtype=torch.long)),
+        ValueError, ["num_classes"])
+    # Generators seeded differently draw different negatives: caught before any reduction.
+    torch.manual_seed(rank)
+    problems += expect_error(lambda: fd.sampled_softmax_loss(hidden, w, None, target, noise,
+                                                             num_negatives=K),
+                             ValueError, ["negatives", "seed"])
+    # An index outside the global V is an error, not another rank's row.
+    negs = torch.full((N, K), v)
+    problems += expect_error(lambda: fd.nce_loss(hidden, w, None, target, noise, negatives=negs),
+                             ValueError, ["negatives"])
+    # The collectives still work after the errors above.
+    loss = fd.nce_loss(hidden, w, None, target, noise, negatives=torch.zeros(N, K, dtype=torch.long))
+    if not torch.isfinite(loss):
+        problems.append("no loss after the errors")
+    return problems
+
+
+def test_no_group():
+    if dist.is_initialized():
+        pytest.skip("a default group exists in this process")
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        fd.shard_range(10)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        fd.nce_loss(torch.zeros(2, 3), torch.zeros(5, 3), None, torch.zeros(2, dtype=torch.long),
+                    torch.ones(5), num_negatives=2)
+
+
+def test_shard_ops_opcheck_and_sum_over_shards():
+    """The shard ops in one process: every shard's part adds up to the single-device loss and
+    gradients, the ops pass torch.library.opcheck, and an index outside the global V raises."""
+    from fused_nce._ops import ops
+
+    v, shards = 10, [(0, 4), (4, 8), (8, 10), (10, 10)]
+    hidden, weight, bias, target, noise, _ = make_inputs(v, torch.float64, 11, ignore=True)
+    q = noise / noise.sum()
+    negs = torch.randint(v, (N, K), generator=torch.Generator().manual_seed(0))
+    log_z = torch.tensor(0.2, dtype=torch.float64)
+    loss, coef = ops.sampled_loss_forward(hidden, weight, bias, target, negs, q, log_z, 0, True,
+                                          IGNORE)
+    grad_loss = torch.rand(N, dtype=torch.float64)
+    gh, gw, gb = ops.sampled_loss_backward(grad_loss, coef, hidden, weight, True, target, negs,
+                                           IGNORE)
+    total, total_gh = torch.zeros_like(loss), torch.zeros_like(gh)
+    for start, end in shards:
+        args = (hidden, weight[start:end], bias[start:end], target, negs, q, log_z, 0, True,
+                IGNORE, start, v)
+        part, part_coef = ops.shard_loss_forward(*args)
+        total += part
+        for mode in (0, 1, 2):
+            bargs = (grad_loss, part_coef, hidden, weight[start:end], True, target, negs, IGNORE,
+                     start, v, mode)
+            part_gh, rows, part_gw, part_gb = ops.shard_loss_backward(*bargs)
+            if mode == 0:
+                total_gh += part_gh
+                torch.testing.assert_close(part_gw, gw[start:end])
+                torch.testing.assert_close(part_gb, gb[start:end])
+            if mode == 1:
+                torch.testing.assert_close(part_gw, gw[start:end][rows])
+            torch.library.opcheck(ops.shard_loss_backward, bargs)
+        torch.library.opcheck(ops.shard_loss_forward, args)
+    torch.testing.assert_close(total, loss)
+    torch.testing.assert_close(total_gh, gh)
+    bad = negs.clone()
+    bad[2, 1] = v
+    with pytest.raises(ValueError, match="negatives"):
+        ops.shard_loss_forward(hidden, weight[:4], bias[:4], target, bad, q, log_z, 0, True,
+                               IGNORE, 0, v)
+    with pytest.raises(ValueError, match="do not fit"):
+        ops.shard_loss_forward(hidden, weight[:4], bias[:4], target, negs, q, log_z, 0, True,
+                               IGNORE, 8, v)
