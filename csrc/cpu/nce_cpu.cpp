@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <memory>
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -198,20 +199,37 @@ std::tuple<at::Tensor, at::Tensor> sampled_loss_forward_cpu(
                                   "sampled_loss_forward_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
     const acc_t log_z_value = static_cast<acc_t>(log_z.item<double>());
-    // Shared negatives: one [N, D] x [D, k] GEMM gives every negative score.
+    // Shared negatives: one [N, D] x [D, k] GEMM gives every <h_i, W[n_j]>; the negatives' bias
+    // and log q are the same for every example, so they are looked up once, not N times.
     at::Tensor neg_scores;
+    std::vector<acc_t> neg_bias, neg_log_q;
     if (shared) {
       auto wn = w.index_select(0, neg).to(acc_dtype);
-      neg_scores = at::mm(h.to(acc_dtype), wn.t());
-      if (b.defined()) neg_scores.add_(b.index_select(0, neg).to(acc_dtype));
-      neg_scores = neg_scores.contiguous();
+      neg_scores = at::mm(h.to(acc_dtype), wn.t()).contiguous();
+      const int64_t* np = neg.const_data_ptr<int64_t>();
+      neg_bias.assign(k, acc_t(0));
+      neg_log_q.assign(k, acc_t(0));
+      for (int64_t j = 0; j < k; ++j) {
+        if (b.defined()) neg_bias[j] = static_cast<acc_t>(b.const_data_ptr<scalar_t>()[np[j]]);
+        if (uses_noise) neg_log_q[j] = log_noise_prob<acc_t>(q.const_data_ptr<float>()[np[j]]);
+      }
     }
+    // log q of every class at once (a vectorized pass over V) when that is cheaper than one
+    // scalar log per column; the same values as log_noise_prob up to its last bit.
+    at::Tensor log_q_table;
+    if (uses_noise && !shared && w.size(0) <= 2 * n_examples * (1 + k)) {
+      log_q_table = q.to(acc_dtype).clamp_min(kTinyProb).log_().contiguous();
+    }
+    const acc_t* lqp = log_q_table.defined() ? log_q_table.const_data_ptr<acc_t>() : nullptr;
+    const float* qp = uses_noise ? q.const_data_ptr<float>() : nullptr;
+    const auto class_log_q = [&](int64_t c) {
+      return lqp != nullptr ? lqp[c] : log_noise_prob<acc_t>(qp[c]);
+    };
     const scalar_t* hp = h.const_data_ptr<scalar_t>();
     const scalar_t* wp = w.const_data_ptr<scalar_t>();
     const scalar_t* bp = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
     const int64_t* tp = tgt.const_data_ptr<int64_t>();
     const int64_t* np = neg.const_data_ptr<int64_t>();
-    const float* qp = uses_noise ? q.const_data_ptr<float>() : nullptr;
     const acc_t* sp = shared ? neg_scores.const_data_ptr<acc_t>() : nullptr;
     acc_t* lossp = loss.mutable_data_ptr<acc_t>();
     acc_t* coefp = coef.mutable_data_ptr<acc_t>();
@@ -223,6 +241,7 @@ std::tuple<at::Tensor, at::Tensor> sampled_loss_forward_cpu(
     at::parallel_for(0, n_examples, grain_for((1 + k) * dim), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> h_row(dim), log_q(1 + k);
       std::unique_ptr<bool[]> dropped(new bool[1 + k]());
+      if (shared) std::copy(neg_log_q.begin(), neg_log_q.end(), log_q.begin() + 1);
       for (int64_t i = begin; i < end; ++i) {
         acc_t* s = coefp + i * (1 + k);
         const int64_t t = tp[i];
@@ -236,12 +255,14 @@ std::tuple<at::Tensor, at::Tensor> sampled_loss_forward_cpu(
         s[0] = score(h_row.data(), t);
         for (int64_t j = 1; j <= k; ++j) {
           const int64_t r = negs[j - 1];
-          s[j] = shared ? sp[i * k + j - 1] : score(h_row.data(), r);
+          s[j] = shared ? sp[i * k + j - 1] + neg_bias[j - 1] : score(h_row.data(), r);
           dropped[j] = remove_accidental_hits && r == t;
         }
         if (uses_noise) {
-          log_q[0] = log_noise_prob<acc_t>(qp[t]);
-          for (int64_t j = 1; j <= k; ++j) log_q[j] = log_noise_prob<acc_t>(qp[negs[j - 1]]);
+          log_q[0] = class_log_q(t);
+          if (!shared) {
+            for (int64_t j = 1; j <= k; ++j) log_q[j] = class_log_q(negs[j - 1]);
+          }
         }
         lossp[i] = example_loss_and_grad<acc_t>(objective, k, s, log_q.data(), dropped.get(),
                                                 log_z_value);
