@@ -10,6 +10,7 @@ from .functional import (
 from .modules import NCELoss
 from .sampler import AliasSampler, log_uniform_weights, unigram_weights
 from .utils import init_output_bias_, log_partition
+from . import optim
 
 __version__ = "0.1.0"
 
@@ -22,6 +23,7 @@ __all__ = [
     "log_uniform_weights",
     "nce_loss",
     "negative_sampling_loss",
+    "optim",
     "reference",
     "sampled_softmax_loss",
     "unigram_weights",
