@@ -14,9 +14,13 @@ inline at::ScalarType optim_state_dtype(at::ScalarType param_dtype) {
   return param_dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// Checks param [V, ...], rows [U] (int64) with grad [U, ...], or no rows with grad [V, ...]; returns
-// (V, D, U) with D the elements per row (1 for a 1-D parameter).
-inline std::tuple<int64_t, int64_t, int64_t> check_row_update(
+// V rows of D elements each (D = 1 for a 1-D parameter), U of them updated.
+struct RowShape {
+  int64_t num_rows, dim, num_updates;
+};
+
+// Checks param [V, ...], rows [U] (int64) with grad [U, ...], or no rows with grad [V, ...].
+inline RowShape check_row_update(
     const at::Tensor& param, const std::optional<at::Tensor>& rows, const at::Tensor& grad) {
   TORCH_CHECK_VALUE(param.dim() >= 1, "param must have at least one dimension (rows)");
   TORCH_CHECK_VALUE(param.is_contiguous(), "param must be contiguous");

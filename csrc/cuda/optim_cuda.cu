@@ -188,7 +188,8 @@ const int64_t* rows_ptr(const std::optional<at::Tensor>& rows, at::Tensor& holde
 
 void row_sgd_step_cuda(const at::Tensor& param, const std::optional<at::Tensor>& rows,
                        const at::Tensor& grad, double lr, double weight_decay) {
-  const auto [num_rows, dim, num_updates] = check_row_update(param, rows, grad);
+  const RowShape shape = check_row_update(param, rows, grad);
+  const int64_t num_rows = shape.num_rows, dim = shape.dim, num_updates = shape.num_updates;
   const c10::cuda::CUDAGuard guard(param.device());
   const auto g = grad.contiguous();
   at::Tensor rows_c;
@@ -204,7 +205,8 @@ void row_sgd_step_cuda(const at::Tensor& param, const std::optional<at::Tensor>&
 void row_adagrad_step_cuda(const at::Tensor& param, const at::Tensor& state_sum,
                            const std::optional<at::Tensor>& rows, const at::Tensor& grad,
                            double lr, double eps, bool rowwise) {
-  const auto [num_rows, dim, num_updates] = check_row_update(param, rows, grad);
+  const RowShape shape = check_row_update(param, rows, grad);
+  const int64_t num_rows = shape.num_rows, dim = shape.dim, num_updates = shape.num_updates;
   if (rowwise) {
     check_state("state_sum", state_sum, param, {num_rows});
   } else {
@@ -249,7 +251,8 @@ void row_adam_step_cuda(const at::Tensor& param, const at::Tensor& exp_avg,
                         const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& rows,
                         const at::Tensor& grad, double step_size, double beta1, double beta2,
                         double eps) {
-  const auto [num_rows, dim, num_updates] = check_row_update(param, rows, grad);
+  const RowShape shape = check_row_update(param, rows, grad);
+  const int64_t num_rows = shape.num_rows, dim = shape.dim, num_updates = shape.num_updates;
   check_state("exp_avg", exp_avg, param, param.sizes());
   check_state("exp_avg_sq", exp_avg_sq, param, param.sizes());
   const c10::cuda::CUDAGuard guard(param.device());
