@@ -255,17 +255,23 @@ def test_state_dict_round_trip(device, dtype, factory):
 
 def test_uncoalesced_and_fully_sparse_gradients(device):
     """Duplicate rows are summed first; a gradient sparse in both dimensions is gathered to rows."""
-    ref, dup, full = (make_params(torch.float64, device)[:1] for _ in range(3))
+    ref, dup, full, unflagged = (make_params(torch.float64, device)[:1] for _ in range(4))
     rows = torch.tensor([[3, 7, 3, 9]])
     values = torch.randn(4, DIM, dtype=torch.float64)
     grad = torch.sparse_coo_tensor(rows, values, (NUM_ROWS, DIM)).to(device)
     assert not grad.is_coalesced()
-    for params, g in [(ref, grad.coalesce()), (dup, grad), (full, grad.to_dense().to_sparse())]:
+    coalesced = grad.coalesce()
+    # Unique ascending rows without the coalesced flag (what accumulation into .grad leaves).
+    same = torch.sparse_coo_tensor(coalesced.indices(), coalesced.values(), (NUM_ROWS, DIM))
+    assert not same.is_coalesced()
+    for params, g in [(ref, coalesced), (dup, grad), (full, grad.to_dense().to_sparse()),
+                      (unflagged, same)]:
         params[0].grad = g
         RowAdam(params, lr=0.1).step()
     assert full[0].grad.sparse_dim() == 2
     torch.testing.assert_close(dup[0], ref[0], rtol=0, atol=0)
     torch.testing.assert_close(full[0], ref[0], rtol=0, atol=0)
+    torch.testing.assert_close(unflagged[0], ref[0], rtol=0, atol=0)
 
 
 def test_training_with_sparse_grad_matches_sparse_adam(device):
