@@ -22,7 +22,7 @@ A dense gradient updates every row. State is float32 for float32 / bfloat16 / fl
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -58,10 +58,12 @@ def state_dtype(param: Tensor) -> torch.dtype:
     return torch.float64 if param.dtype == torch.float64 else torch.float32
 
 
-def row_gradient(param: Tensor, grad: Tensor) -> Tuple[Optional[Tensor], Tensor]:
+def row_gradient(param: Tensor, grad: Tensor,
+                 coalesce: bool = True) -> Tuple[Optional[Tensor], Tensor]:
     """``(rows, values)`` of a gradient: the strictly ascending rows present and their values
     ``[U, ...]`` for a sparse COO gradient (coalesced here if it is not), ``(None, grad)`` for a
-    dense one."""
+    dense one. With ``coalesce=False`` a gradient sparse in its rows only comes back as stored,
+    rows not known to be unique: the ops check that they are strictly ascending."""
     if grad.device != param.device:
         raise ValueError(f"grad must be on its parameter's device {param.device}, got {grad.device}")
     if grad.shape != param.shape:
@@ -73,13 +75,8 @@ def row_gradient(param: Tensor, grad: Tensor) -> Tuple[Optional[Tensor], Tensor]
         return None, grad
     if grad.layout != torch.sparse_coo:
         raise TypeError(f"grad must be dense or sparse COO, got layout {grad.layout}")
-    if grad.sparse_dim() == 1 and not grad.is_coalesced() and grad.device.type == "cpu":
-        # Accumulated into .grad, a coalesced gradient loses its flag but keeps its rows unique
-        # and ascending: a pass over the rows is far cheaper than coalescing again (a sort). (On
-        # CUDA the check would wait for the device; coalesce there.)
-        rows = grad._indices()[0]
-        if bool((rows[1:] > rows[:-1]).all()):
-            return rows, grad._values()
+    if not coalesce and grad.sparse_dim() == 1:
+        return grad._indices()[0], grad._values()
     # The update is non-linear: duplicate entries of a row must be summed first.
     grad = grad.coalesce()
     indices, values = grad.indices(), grad.values()
@@ -123,11 +120,6 @@ class _RowOptimizer(torch.optim.Optimizer):
                     self.state[p][key] = value.to(device=p.device, dtype=state_dtype(p),
                                                   copy=True)
 
-    def _params_with_grad(self, group: Dict[str, Any]) -> List[Tuple[Tensor, Optional[Tensor],
-                                                                      Tensor]]:
-        """(param, rows, values) of every parameter of the group that has a gradient."""
-        return [(p, *row_gradient(p, p.grad)) for p in group["params"] if p.grad is not None]
-
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:  # type: ignore[override]
         loss = None
@@ -135,8 +127,22 @@ class _RowOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for p, rows, values in self._params_with_grad(group):
-                self._update(group, p, rows, values)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                # Accumulated into .grad, a coalesced gradient loses its flag but keeps its rows
+                # unique and ascending. The CPU ops check the order before writing anything, far
+                # cheaper than coalescing again (a sort); only rows out of order are coalesced.
+                # (On CUDA that check is a device-side assert: coalesce there.)
+                trust = grad.is_sparse and p.device.type == "cpu" and not grad.is_coalesced()
+                rows, values = row_gradient(p, grad, coalesce=not trust)
+                try:
+                    self._update(group, p, rows, values)
+                except ValueError as error:
+                    if not (trust and "strictly ascending" in str(error)):
+                        raise
+                    self._update(group, p, *row_gradient(p, grad))
         return loss
 
     def _update(self, group: Dict[str, Any], param: Tensor, rows: Optional[Tensor],
@@ -197,9 +203,9 @@ class RowAdagrad(_RowOptimizer):
             state["step"] = 0
             state["sum"] = torch.full(shape, group["initial_accumulator_value"],
                                       dtype=state_dtype(param), device=param.device)
-        state["step"] += 1
         _ops.row_adagrad_step(param, state["sum"], rows, values, float(group["lr"]),
                               float(group["eps"]), bool(group["rowwise"]))
+        state["step"] += 1  # only once the op has accepted the rows
 
 
 class RowAdam(_RowOptimizer):
@@ -230,8 +236,7 @@ class RowAdam(_RowOptimizer):
                                                 memory_format=torch.contiguous_format)
             state["exp_avg_sq"] = torch.zeros_like(param, dtype=state_dtype(param),
                                                    memory_format=torch.contiguous_format)
-        state["step"] += 1
-        step = state["step"]
+        step = state["step"] + 1
         beta1, beta2 = group["betas"]
         bias_correction2 = math.sqrt(1.0 - beta2 ** step)
         step_size = float(group["lr"]) * bias_correction2 / (1.0 - beta1 ** step)
@@ -239,3 +244,4 @@ class RowAdam(_RowOptimizer):
         eps = group["eps"] * (bias_correction2 if rows is None else 1.0)
         _ops.row_adam_step(param, state["exp_avg"], state["exp_avg_sq"], rows, values, step_size,
                            beta1, beta2, eps)
+        state["step"] = step  # only once the op has accepted the rows
