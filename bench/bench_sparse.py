@@ -143,7 +143,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--csv", default="bench/out/bench_sparse.csv")
     parser.add_argument("--plot", default=None, help="PNG (default: the CSV's name, .png)")
+    parser.add_argument("--replot", metavar="CSV", help="only render the table and plot of a CSV")
     args = parser.parse_args()
+    if args.replot:
+        rows = read_rows(args.replot)
+        print_summary(rows)
+        plot(rows, args.plot or os.path.splitext(args.replot)[0] + ".png")
+        return
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -151,7 +157,7 @@ def main() -> None:
     memory = PeakMemory(device)
     cpu_name = platform.processor() or platform.machine()
     device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
-                   else f"{cpu_name} x{torch.get_num_threads()} threads")
+                   else f"{cpu_name} {os.cpu_count()}-core CPU, {torch.get_num_threads()} threads")
     bandwidth = update_bandwidth(device)
     meta = dict(device=device_name, torch=torch.__version__, date=datetime.date.today().isoformat(),
                 threads=torch.get_num_threads(), n=args.n, dim=args.dim, k=args.k,
@@ -188,6 +194,22 @@ def main() -> None:
     plot(rows, args.plot or os.path.splitext(args.csv)[0] + ".png")
 
 
+def read_rows(path: str) -> List[dict]:
+    """A CSV written by this script, numbers parsed."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        for key, value in r.items():
+            try:
+                r[key] = int(value)
+            except ValueError:
+                try:
+                    r[key] = float(value)
+                except ValueError:
+                    pass
+    return rows
+
+
 def print_summary(rows: List[dict]) -> None:
     """Markdown table: every method against the dense step and against torch's sparse one."""
     baselines = {"sgd": ("SGD (dense)", "SGD (sparse)"), "adagrad": (None, "Adagrad (sparse)"),
@@ -221,29 +243,34 @@ def plot(rows: List[dict], path: str) -> None:
     except ImportError:
         print("matplotlib not installed: no plot")
         return
-    panels = sorted({(r["num_classes"], r["noise"]) for r in rows}, key=lambda p: (p[0], p[1]))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.8), squeeze=False)
-    for ax, (num_classes, noise) in zip(axes[0], panels):
+    panels = sorted({(r["num_classes"], r["noise"]) for r in rows},
+                    key=lambda p: (p[0], p[1] != "zipf"))
+    cols = 2 if len(panels) > 1 else 1
+    fig, axes = plt.subplots((len(panels) + cols - 1) // cols, cols, figsize=(6.5 * cols, 3.6 *
+                             ((len(panels) + cols - 1) // cols)), squeeze=False)
+    for ax, (num_classes, noise) in zip(axes.flat, panels):
         rs = [r for r in rows if r["num_classes"] == num_classes and r["noise"] == noise]
         names = [r["method"] for r in rs]
         y = range(len(rs))
-        ax.barh(y, [r["median_ms"] - r["optimizer_ms"] for r in rs], color="0.75",
-                label="loss + backward")
-        ax.barh(y, [r["optimizer_ms"] for r in rs], left=[r["median_ms"] - r["optimizer_ms"]
-                                                           for r in rs],
+        loss_ms = [r["median_ms"] - r["optimizer_ms"] for r in rs]
+        ax.barh(y, loss_ms, color="0.75", label="loss + backward")
+        ax.barh(y, [r["optimizer_ms"] for r in rs], left=loss_ms,
                 color=["tab:green" if n.startswith("Row") else "tab:red" for n in names],
                 label="optimizer step")
-        ax.scatter([r["median_ms"] - r["optimizer_ms"] + r["optimizer_floor_ms"] for r in rs], y,
-                   marker="|", s=200, color="k", zorder=3, label="optimizer traffic floor")
+        ax.scatter([lm + r["optimizer_floor_ms"] for lm, r in zip(loss_ms, rs)], y, marker="|",
+                   s=150, color="k", zorder=3, label="optimizer memory-traffic floor")
         ax.set_yticks(list(y), names)
         ax.invert_yaxis()
-        ax.set_xscale("log")
-        ax.set_xlabel("ms per training step (log)")
-        ax.set_title(f"V = {num_classes:,}, {noise} noise")
+        ax.set_xlabel("ms per training step (median)")
+        touched = max(r["grad_rows"] for r in rs if r["gradient"] == "sparse") / num_classes
+        ax.set_title(f"V = {num_classes:,}, {noise} noise ({touched:.0%} of rows touched)",
+                     fontsize=10)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
     axes[0][0].legend(loc="lower right", fontsize=8)
     r0 = rows[0]
-    fig.suptitle(f"fused_nce row optimizers: N={r0['n']} D={r0['dim']} k={r0['k']} "
-                 f"{r0['objective']} float32 — {r0['device']}, torch {r0['torch']}, {r0['date']}",
+    fig.suptitle(f"loss + backward + optimizer step, N={r0['n']} D={r0['dim']} k={r0['k']} "
+                 f"{r0['objective']} float32\n{r0['device']}, torch {r0['torch']}, {r0['date']}",
                  fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
