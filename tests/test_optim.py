@@ -357,7 +357,7 @@ def test_bad_gradients():
         row_gradient(param, torch.zeros(NUM_ROWS, DIM).to_sparse_csr())
 
 
-def test_bad_rows_are_refused_before_any_write(device):
+def test_bad_rows_are_refused_before_any_write():
     param = torch.randn(NUM_ROWS, DIM)
     before = param.clone()
     grad = torch.ones(2, DIM)

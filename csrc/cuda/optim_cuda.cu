@@ -125,7 +125,11 @@ __global__ void adagrad_rowwise_kernel(scalar_t* __restrict__ param, acc_type<sc
     for (int v = 0; v < VEC; ++v) square_sum += g[v] * g[v];
   }
   square_sum = warp_sum(square_sum);
-  const acc_t row_sum = sum[row] + square_sum / static_cast<acc_t>(dim);
+  // Lane 0 reads the accumulator and hands it to the warp before it writes the new value, so no
+  // lane can read the updated one.
+  acc_t previous = lane == 0 ? sum[row] : acc_t(0);
+  previous = __shfl_sync(kFullMask, previous, 0);
+  const acc_t row_sum = previous + square_sum / static_cast<acc_t>(dim);
   if (lane == 0) sum[row] = row_sum;
   for (int64_t j = lane * VEC; j < dim; j += kWarpSize * VEC) {
     acc_t g[VEC], p[VEC];
