@@ -1,5 +1,6 @@
 // Argument checks of the row-optimizer ops, shared by every backend. The row indices themselves
-// are checked by each backend: on the host for the CPU, in the kernels (device-side assert) on CUDA.
+// are checked by each backend: on the host for the CPU, in the kernels (device-side assert) on
+// CUDA.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -32,9 +32,9 @@ FUSED_NCE_HD T adagrad_row_update(T p, T g, T row_sum, T lr, T eps) {
 }
 
 // Adam as torch.optim.SparseAdam writes it: m += (1 - b1)(g - m); v += (1 - b2)(g^2 - v);
-// p -= step_size * m / (sqrt(v) + eps), step_size = lr sqrt(1 - b2^t) / (1 - b1^t). torch.optim.Adam
-// is the same rule with eps scaled by sqrt(1 - b2^t): the caller passes that eps for dense
-// gradients. m and v in place.
+// p -= step_size * m / (sqrt(v) + eps), step_size = lr sqrt(1 - b2^t) / (1 - b1^t).
+// torch.optim.Adam is the same rule with eps scaled by sqrt(1 - b2^t): the caller passes that eps
+// for dense gradients. m and v in place.
 template <typename T>
 FUSED_NCE_HD T adam_update(T p, T g, T& m, T& v, T step_size, T beta1, T beta2, T eps) {
   using std::sqrt;

@@ -1,4 +1,4 @@
-"""fused_nce.optim: the row optimizers against torch.optim on the same gradients, over many steps."""
+"""fused_nce.optim: the row optimizers against torch.optim on the same gradients, many steps."""
 
 import copy
 

@@ -65,7 +65,8 @@ def row_gradient(param: Tensor, grad: Tensor,
     dense one. With ``coalesce=False`` a gradient sparse in its rows only comes back as stored,
     rows not known to be unique: the ops check that they are strictly ascending."""
     if grad.device != param.device:
-        raise ValueError(f"grad must be on its parameter's device {param.device}, got {grad.device}")
+        raise ValueError(f"grad must be on its parameter's device {param.device}, got "
+                         f"{grad.device}")
     if grad.shape != param.shape:
         raise ValueError(f"grad must have its parameter's shape {tuple(param.shape)}, got "
                          f"{tuple(grad.shape)}")
@@ -121,7 +122,8 @@ class _RowOptimizer(torch.optim.Optimizer):
                                                   copy=True)
 
     @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:  # type: ignore[override]
+    def step(  # type: ignore[override]
+            self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
         loss = None
         if closure is not None:
             with torch.enable_grad():
