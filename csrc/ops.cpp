@@ -45,6 +45,18 @@ TORCH_LIBRARY(fused_nce, m) {
   // O(1) draws from an alias table, randomness from the generator (default one when None).
   m.def("alias_sample(Tensor table, SymInt[] size, Generator? generator=None) -> Tensor",
         {at::Tag::nondeterministic_seeded});
+
+  // Fused row optimizers: update the parameter and its state in place at `rows` (strictly
+  // ascending, as in a coalesced sparse gradient; grad [U, ...]), or at every row when rows is
+  // None (grad [V, ...]). State is float32 (float64 for float64 parameters).
+  m.def("row_sgd_step(Tensor(a!) param, Tensor? rows, Tensor grad, float lr, "
+        "float weight_decay) -> ()");
+  // state_sum is param's shape, or [V] when rowwise (one accumulator per row).
+  m.def("row_adagrad_step(Tensor(a!) param, Tensor(b!) state_sum, Tensor? rows, Tensor grad, "
+        "float lr, float eps, bool rowwise) -> ()");
+  // step_size = lr sqrt(1 - beta2^t) / (1 - beta1^t); see adam_update in optim_math.h.
+  m.def("row_adam_step(Tensor(a!) param, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor? rows, "
+        "Tensor grad, float step_size, float beta1, float beta2, float eps) -> ()");
 }
 
 // Retrieval: in-batch / mixed-negative softmax over column blocks and the frequency estimator.

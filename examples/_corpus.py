@@ -320,3 +320,51 @@ def print_table(rows: Sequence[dict], columns: Sequence[str]) -> None:
     print("|" + "---|" * len(columns))
     for row in rows:
         print("| " + " | ".join(fmt(row.get(c, "")) for c in columns) + " |")
+
+
+# --optimizer: torch.optim.Adam for every parameter, or the output layer (its weight [V, D] and
+# bias [V], with sparse gradients) on one of fused_nce's row optimizers and the rest on Adam.
+OPTIMIZERS = ("adam", "row-adam", "row-adagrad", "row-sgd")
+
+
+def add_optimizer_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adam",
+                   help="row-*: the output layer on a fused_nce.optim row optimizer (sparse "
+                        "gradients), everything else on Adam")
+    p.add_argument("--row-lr", type=float,
+                   help="the row optimizer's learning rate (default: --lr for row-adam, "
+                        "50x --lr for row-adagrad, 500x --lr for row-sgd)")
+
+
+class Optimizers:
+    """Several optimizers stepped as one (``zero_grad`` / ``step``)."""
+
+    def __init__(self, optimizers: Sequence[torch.optim.Optimizer]):
+        self.optimizers = list(optimizers)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.step()
+
+
+def make_optimizers(args: argparse.Namespace, dense: Sequence[torch.nn.Parameter],
+                    output: Sequence[torch.nn.Parameter]) -> Tuple[Optimizers, bool]:
+    """The optimizers of ``--optimizer``, and whether the output layer wants sparse gradients."""
+    import fused_nce.optim
+
+    if args.optimizer == "adam":
+        return Optimizers([torch.optim.Adam(list(dense) + list(output), lr=args.lr)]), False
+    # SGD and Adagrad steps do not normalize the gradient's scale as Adam does: larger rates.
+    scale = {"row-adam": 1.0, "row-adagrad": 50.0, "row-sgd": 500.0}[args.optimizer]
+    row_lr = args.row_lr if args.row_lr is not None else scale * args.lr
+    row = {"row-adam": lambda ps: fused_nce.optim.RowAdam(ps, lr=row_lr),
+           "row-adagrad": lambda ps: fused_nce.optim.RowAdagrad(ps, lr=row_lr),
+           "row-sgd": lambda ps: fused_nce.optim.RowSGD(ps, lr=row_lr)}[args.optimizer]
+    optimizers = [row(list(output))]
+    if dense:
+        optimizers.insert(0, torch.optim.Adam(list(dense), lr=args.lr))
+    return Optimizers(optimizers), True

@@ -31,8 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import fused_nce
-from _corpus import (StepLog, example_parser, fill_defaults, load_corpus, pick_device,
-                     plot_against_time, print_table, progress, set_postfix, write_csv)
+from _corpus import (StepLog, add_optimizer_args, example_parser, fill_defaults, load_corpus,
+                     make_optimizers, pick_device, plot_against_time, print_table, progress,
+                     set_postfix, write_csv)
 
 OBJECTIVES = ("nce", "negative_sampling", "sampled_softmax", "full_softmax")
 
@@ -102,20 +103,24 @@ def train(run: Run, train_windows: torch.Tensor, valid_windows: torch.Tensor,
     model = NGramMLP(len(counts), args.context, args.embed_dim, args.hidden_dim,
                      args.out_dim).to(device)
     criterion: Optional[fused_nce.NCELoss] = None
-    params = list(model.parameters())
+    output = list(model.decoder.parameters())
+    params = [p for name, p in model.named_parameters() if not name.startswith("decoder.")]
+    optimizer, sparse_grad = make_optimizers(args, params, output)
     if run.objective != "full_softmax":
         noise = fused_nce.unigram_weights(counts, power=run.noise_power)
         criterion = fused_nce.NCELoss(len(counts), noise, run.num_negatives,
-                                      objective=run.objective,
-                                      learn_log_z=run.learn_log_z).to(device)
-        params += list(criterion.parameters())
-    optimizer = torch.optim.Adam(params, lr=args.lr)
+                                      objective=run.objective, learn_log_z=run.learn_log_z,
+                                      sparse_grad=sparse_grad).to(device)
+        if run.learn_log_z:
+            log_z_optimizer = torch.optim.Adam(criterion.parameters(), lr=args.lr)
+            optimizer.optimizers.append(log_z_optimizer)
     batches = torch.Generator().manual_seed(args.seed)  # same data order for every run
 
     rows, log = [], StepLog()
 
     def record(step: int) -> None:
-        row = {"run": run.name, "objective": run.objective, "step": step,
+        row = {"run": run.name, "objective": run.objective, "optimizer": args.optimizer,
+               "step": step,
                "tokens": step * args.batch_size, "train_s": log.train_s,
                "tokens_per_s": log.rate(args.batch_size), "train_loss": log.mean_loss(),
                **evaluate(model, valid_windows, device)}
@@ -164,7 +169,8 @@ def summarize(curves: List[dict]) -> List[dict]:
     last = {}
     for row in curves:
         last[row["run"]] = row
-    return [{"run": r["run"], "objective": r["objective"], "steps": r["step"],
+    return [{"run": r["run"], "objective": r["objective"], "optimizer": r["optimizer"],
+             "steps": r["step"],
              "val_ppl": r["val_ppl"], "log_z_mean": r["log_z_mean"], "log_z_std": r["log_z_std"],
              "learned_log_z": r.get("learned_log_z", ""),
              "tokens_per_s": r["tokens_per_s"], "train_s": r["train_s"]}
@@ -185,6 +191,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--train-tokens", type=int, help="embedded corpus size")
     p.add_argument("--clusters", type=int, help="planted word clusters of the embedded corpus")
     p.add_argument("--valid-tokens", type=int)
+    add_optimizer_args(p)
     full = dict(steps=1500, batch_size=512, num_negatives=64, eval_every=150, vocab_size=20_000,
                 train_tokens=2_000_000, valid_tokens=20_000, clusters=64, embed_dim=64,
                 hidden_dim=256, out_dim=128)

@@ -27,8 +27,9 @@ import torch
 from torch import nn
 
 import fused_nce
-from _corpus import (Corpus, StepLog, example_parser, fill_defaults, load_corpus, pick_device,
-                     progress, pyplot, save_figure, set_postfix, write_csv)
+from _corpus import (Corpus, StepLog, add_optimizer_args, example_parser, fill_defaults,
+                     load_corpus, make_optimizers, pick_device, progress, pyplot, save_figure,
+                     set_postfix, write_csv)
 
 
 class SkipGram(nn.Module):
@@ -140,6 +141,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--eval-words", type=int, help="most frequent words in the planted score")
     p.add_argument("--vocab-size", type=int)
     p.add_argument("--train-tokens", type=int, help="embedded corpus size")
+    add_optimizer_args(p)
     full = dict(dim=100, batch_size=4096, eval_every=200, eval_words=2000, vocab_size=20_000,
                 train_tokens=2_000_000, clusters=64, subsample=1e-4)
     # A small vocabulary has no rare words: subsample less, or little text is left.
@@ -158,7 +160,8 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
     model = SkipGram(corpus.vocab_size, args.dim).to(device)
     noise = fused_nce.AliasSampler(fused_nce.unigram_weights(corpus.counts, args.noise_power),
                                    device=device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    # The context vectors are the output layer: on a row optimizer with --optimizer row-*.
+    optimizer, sparse_grad = make_optimizers(args, [model.center], [model.context])
     keep_prob = keep_probability(corpus.counts, args.subsample)
     shuffle = torch.Generator().manual_seed(args.seed)
     has_clusters = corpus.cluster is not None
@@ -167,7 +170,8 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
     curve, log, pairs_seen, step = [], StepLog(), 0, 0
 
     def record() -> None:
-        row = {"step": step, "pairs": pairs_seen, "train_s": log.train_s,
+        row = {"optimizer": args.optimizer, "step": step, "pairs": pairs_seen,
+               "train_s": log.train_s,
                "train_loss": log.mean_loss()}
         if has_clusters:
             row["planted_p10"] = planted_score(model.center.detach(), corpus.cluster,
@@ -181,8 +185,8 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
         num_batches = (len(pairs) + args.batch_size - 1) // args.batch_size
         if epoch == 0:  # word2vec's linear learning-rate decay to zero, over the whole run
             total = args.epochs * num_batches if args.steps is None else args.steps
-            schedule = torch.optim.lr_scheduler.LambdaLR(
-                optimizer, lambda s: max(0.0, 1.0 - s / (1.05 * total)))
+            schedules = [torch.optim.lr_scheduler.LambdaLR(
+                o, lambda s: max(0.0, 1.0 - s / (1.05 * total))) for o in optimizer.optimizers]
         if args.steps is not None:
             num_batches = min(num_batches, args.steps - step)
         bar = progress(range(num_batches), desc=f"epoch {epoch + 1}", unit="step", leave=False)
@@ -191,11 +195,13 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
             batch = pairs[b * args.batch_size:(b + 1) * args.batch_size].to(device)
             loss = fused_nce.negative_sampling_loss(model.center[batch[:, 0]], model.context,
                                                     None, batch[:, 1], noise,
-                                                    num_negatives=args.num_negatives)
+                                                    num_negatives=args.num_negatives,
+                                                    sparse_grad=sparse_grad)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            schedule.step()
+            for schedule in schedules:
+                schedule.step()
             log.add(loss.item(), time.perf_counter() - start)
             step, pairs_seen = step + 1, pairs_seen + len(batch)
             if step % args.eval_every == 0:

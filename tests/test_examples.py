@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
@@ -75,6 +77,30 @@ def test_word2vec(tmp_path):
     assert "precision@10" in stdout
     assert (tmp_path / "w2v_neighbours.txt").read_text().count("\n") >= 3
     check_plot(tmp_path / "w2v_quality.png")
+
+
+@pytest.mark.parametrize("script, optimizer, objectives", [
+    ("train_lm.py", "row-adam", "nce,full_softmax"),  # full softmax: a dense output gradient
+    ("train_lm.py", "row-adagrad", "nce"),
+    ("word2vec.py", "row-sgd", None),
+])
+def test_row_optimizers_in_examples(tmp_path, script, optimizer, objectives):
+    """--optimizer row-*: the output layer on a row optimizer; training still makes progress."""
+    if script == "train_lm.py":
+        run_example(script, tmp_path, "--steps", "20", "--eval-every", "10", "--objectives",
+                    objectives, "--optimizer", optimizer)
+        runs = by(read_csv(tmp_path / "lm_curves.csv"), "run")
+        assert set(runs) == set(objectives.split(","))
+        for name, rows in runs.items():
+            assert {r["optimizer"] for r in rows} == {optimizer}
+            assert losses(rows)[-1] < losses(rows)[0], name
+            assert float(rows[-1]["val_ppl"]) < float(rows[0]["val_ppl"]), name
+    else:
+        run_example(script, tmp_path, "--steps", "30", "--eval-every", "10", "--optimizer",
+                    optimizer)
+        rows = read_csv(tmp_path / "w2v_curve.csv")
+        assert {r["optimizer"] for r in rows} == {optimizer}
+        assert losses(rows)[-1] < losses(rows)[0]
 
 
 def test_recsys(tmp_path):

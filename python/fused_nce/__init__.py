@@ -11,6 +11,7 @@ from .modules import NCELoss
 from .retrieval import FrequencyEstimator, in_batch_softmax_loss
 from .sampler import AliasSampler, log_uniform_weights, unigram_weights
 from .utils import init_output_bias_, log_partition
+from . import optim
 
 __version__ = "0.1.0"
 
@@ -25,6 +26,7 @@ __all__ = [
     "log_uniform_weights",
     "nce_loss",
     "negative_sampling_loss",
+    "optim",
     "reference",
     "sampled_softmax_loss",
     "unigram_weights",
