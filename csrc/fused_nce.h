@@ -116,6 +116,7 @@ std::tuple<at::Tensor, at::Tensor> shard_loss_forward_cuda(
     const at::Tensor& target, const at::Tensor& negatives,
     const std::optional<at::Tensor>& noise_probs, const at::Tensor& log_z, int64_t objective,
     bool remove_accidental_hits, int64_t ignore_index, int64_t row_start, int64_t num_classes);
+
 // Fused row optimizers (csrc/cpu/optim_cpu.cpp, csrc/cuda/optim_cuda.cu): update param [V, ...] and
 // its float32 (float64) state in place at the strictly ascending `rows` [U] with grad [U, ...], or
 // at every row with grad [V, ...] when rows is None. Rules in optim_math.h.
