@@ -6,7 +6,8 @@ gradients). Prints a table and writes one long CSV. Defaults: N=4096, D=256, k=6
 float32, on CUDA when present, else CPU. Targets and negatives are drawn from a Zipfian
 (log-uniform) distribution, as words are: the most frequent class takes ~5% of all entries, the
 hot-row case of the row-gradient sums. Providers: fused (dense gradients), fused_sparse
-(sparse_grad=True: only the touched rows), reference.
+(sparse_grad=True: only the touched rows), reference, and with shared negatives on the CPU,
+TensorFlow's tf.nn.nce_loss / tf.nn.sampled_softmax_loss when tensorflow is installed.
 
     python bench/bench_losses.py [--device cpu] [--n 4096] [--csv bench/out/bench_losses.csv]
 """
@@ -102,6 +103,38 @@ def providers(objective: str) -> Dict[str, Callable]:
 
     # fused_sparse: row-sparse weight / bias gradients (no dense [V, D] zero-fill).
     return {"fused": run_fused, "fused_sparse": run_fused_sparse, "reference": run_reference}
+
+
+def tensorflow_steps(leaves, target, k: int, threads: int) -> Dict[str, Callable[[], None]]:
+    """TensorFlow's own sampled losses (when tensorflow is installed): tf.nn.nce_loss and
+    tf.nn.sampled_softmax_loss with their default sampler (log-uniform, k shared negatives drawn
+    without replacement each step), forward + backward in one tf.function. The weight gradient
+    is TensorFlow's row-sparse IndexedSlices."""
+    try:
+        import tensorflow as tf  # optional: pip install tensorflow-cpu
+    except ImportError:
+        return {}
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    hidden, weight, bias = (tf.Variable(t.detach().float().cpu().numpy()) for t in leaves)
+    labels = tf.constant(target.cpu().numpy().reshape(-1, 1))
+    num_classes = int(weight.shape[0])
+    steps = {}
+    for objective, loss_fn in [("nce", tf.nn.nce_loss), ("sampled_softmax", tf.nn.sampled_softmax_loss)]:
+        @tf.function
+        def step(loss_fn=loss_fn):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(loss_fn(weights=weight, biases=bias, labels=labels,
+                                              inputs=hidden, num_sampled=k,
+                                              num_classes=num_classes))
+            return tape.gradient(loss, [hidden, weight, bias])
+
+        def run(step=step) -> None:
+            grads = step()
+            _ = grads[0].numpy()  # wait for the step to finish
+
+        steps[objective] = run
+    return steps
 
 
 def full_softmax(h, w, b, t, sampler, negatives):
@@ -215,6 +248,11 @@ def main() -> None:
                 step = lambda negs, fn=fn: fn(*leaves, target, sampler, negs)  # noqa: E731
                 times, extra = measure(step, leaves, negatives, device, 1, args.repeats, memory)
                 record(mode, objective, name, times, extra)
+        if mode == "shared" and device.type == "cpu" and dtype == torch.float32:
+            for objective, run in tensorflow_steps(leaves, target, args.k,
+                                                   torch.get_num_threads()).items():
+                if objective in args.objectives:
+                    record(mode, objective, "tensorflow", time_call(run, device, args.repeats), 0)
         del leaves, negatives
 
     if not args.no_full_softmax:
@@ -264,6 +302,15 @@ def print_summary(rows) -> None:
         if full:
             line += f" {full['median_ms'] / r['median_ms']:.0f}x |"
         print(line)
+    tf_rows = [(key, r) for key, r in by_key.items() if key[2] == "tensorflow"]
+    if tf_rows:
+        print("\n| vs TensorFlow (shared negatives) | tensorflow ms | fused ms | sparse_grad ms | "
+              "sparse_grad speed-up |\n|---|---:|---:|---:|---:|")
+        for (mode, objective, _), r in tf_rows:
+            fused, sparse = (by_key.get((mode, objective, p)) for p in ("fused", "fused_sparse"))
+            if fused and sparse:
+                print(f"| {objective} | {r['median_ms']:.2f} | {fused['median_ms']:.2f} | "
+                      f"{sparse['median_ms']:.2f} | {r['median_ms'] / sparse['median_ms']:.2f}x |")
     if full:
         print(f"\nfull softmax (F.cross_entropy on [N, V] logits): {full['median_ms']:.1f} ms, "
               f"{full['extra_peak_mb']:.1f} MB extra")

@@ -320,3 +320,16 @@ def test_cuda_sorted_path_refuses_too_many_entries_clearly():
     loss = fused_nce.negative_sampling_loss(hidden, weight, None, target, negatives=negatives)
     with pytest.raises(ValueError, match="2\\^30 entries"):
         loss.backward()
+
+
+def test_cuda_shared_negatives_with_more_row_tiles_than_a_grid_dimension_holds():
+    """N > 65535 * 64 with shared negatives: the coefficient passes tile rows along the grid's
+    x dimension, which has room for them (y would cap at 65,535 tiles)."""
+    kwargs = dict(n=2**22 + 100, dim=8, num_classes=50, k=4, shared=True, ignore_every=0,
+                  dtype=torch.float16)
+    cpu, cuda = make_problem(**kwargs), to_cuda(make_problem(**kwargs))
+    loss_cpu, grads_cpu = loss_and_grads(run_fused, "nce", cpu, reduction="mean")
+    loss_cuda, grads_cuda = loss_and_grads(run_fused, "nce", cuda, reduction="mean")
+    torch.testing.assert_close(loss_cuda.cpu(), loss_cpu, rtol=1e-4, atol=1e-4)
+    for a, b in zip(grads_cpu, grads_cuda):
+        torch.testing.assert_close(b.cpu().float(), a.float(), rtol=2e-2, atol=2e-3)

@@ -74,6 +74,7 @@ inline void load_row(const scalar_t* x, acc_t* y, int64_t n) {
 
 template <typename acc_t, typename scalar_t>
 inline void store_row(const acc_t* x, scalar_t* y, int64_t n) {
+#pragma omp simd
   for (int64_t d = 0; d < n; ++d) y[d] = static_cast<scalar_t>(x[d]);
 }
 
@@ -157,7 +158,14 @@ void sum_rows(const EntriesByRow& entries, const int64_t* out_row, int64_t dim,
   at::parallel_for(0, num_parts, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(dim);
     for (int64_t row = part_begin[begin]; row < part_begin[end]; ++row) {
-      if (out_row != nullptr && !entries.touched(row)) continue;
+      if (!entries.touched(row)) {
+        // Dense output: an untouched row is zeros, written directly (no accumulator pass).
+        if (out_row == nullptr) {
+          std::fill_n(grad_weight + row * dim, dim, scalar_t(0));
+          if (grad_bias != nullptr) grad_bias[row] = scalar_t(0);
+        }
+        continue;
+      }
       std::fill(acc.begin(), acc.end(), acc_t(0));
       acc_t bias_acc = 0;
       for (int64_t p = start[row]; p < start[row + 1]; ++p) {

@@ -177,6 +177,7 @@ at::Tensor matmul_acc(const at::Tensor& x, const at::Tensor& y) {
 #if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
   return at::mm(x, y, at::kFloat);
 #else
+  const at::NoTF32Guard no_tf32;
   return at::mm(x.to(at::kFloat), y.to(at::kFloat));
 #endif
 }
@@ -185,9 +186,10 @@ at::Tensor matmul_acc(const at::Tensor& x, const at::Tensor& y) {
 // rows one block walks through.
 constexpr int kTileRows = 64;
 
+// Row tiles on x (up to 2^31 - 1 blocks: any N), column tiles on y (up to 65535: k < 2M).
 inline dim3 coef_tile_grid(int64_t n, int64_t k) {
-  return dim3(static_cast<unsigned>((k + kWarpSize - 1) / kWarpSize),
-              static_cast<unsigned>((n + kTileRows - 1) / kTileRows));
+  return dim3(static_cast<unsigned>((n + kTileRows - 1) / kTileRows),
+              static_cast<unsigned>((k + kWarpSize - 1) / kWarpSize));
 }
 
 // Magnitudes are non-negative floats, whose bit patterns order like the values: an integer
@@ -204,10 +206,10 @@ __global__ void coef_scales_kernel(const float* __restrict__ coef,
                                    float* __restrict__ col_max) {
   __shared__ float block_col_max[kWarpsPerBlock][kWarpSize];
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
-  const int64_t j = static_cast<int64_t>(blockIdx.x) * kWarpSize + lane;
-  const int64_t i_end = std::min<int64_t>(n, (static_cast<int64_t>(blockIdx.y) + 1) * kTileRows);
+  const int64_t j = static_cast<int64_t>(blockIdx.y) * kWarpSize + lane;
+  const int64_t i_end = std::min<int64_t>(n, (static_cast<int64_t>(blockIdx.x) + 1) * kTileRows);
   float my_col_max = 0;
-  for (int64_t i = static_cast<int64_t>(blockIdx.y) * kTileRows + warp; i < i_end;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kTileRows + warp; i < i_end;
        i += kWarpsPerBlock) {
     const float v = j < k ? fabsf(grad_loss[i] * coef[i * (1 + k) + 1 + j]) : 0.f;
     my_col_max = fmaxf(my_col_max, v);
@@ -234,11 +236,11 @@ __global__ void gemm_operands_kernel(const acc_t* __restrict__ coef,
                                      const float* __restrict__ col_scale,
                                      gemm_t* __restrict__ c_rows, gemm_t* __restrict__ c_cols) {
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
-  const int64_t j = static_cast<int64_t>(blockIdx.x) * kWarpSize + lane;
+  const int64_t j = static_cast<int64_t>(blockIdx.y) * kWarpSize + lane;
   if (j >= k) return;
-  const int64_t i_end = std::min<int64_t>(n, (static_cast<int64_t>(blockIdx.y) + 1) * kTileRows);
+  const int64_t i_end = std::min<int64_t>(n, (static_cast<int64_t>(blockIdx.x) + 1) * kTileRows);
   const float inv_col = col_scale != nullptr ? 1.f / col_scale[j] : 1.f;
-  for (int64_t i = static_cast<int64_t>(blockIdx.y) * kTileRows + warp; i < i_end;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kTileRows + warp; i < i_end;
        i += kWarpsPerBlock) {
     const acc_t v = grad_loss[i] * coef[i * (1 + k) + 1 + j];
     if (row_scale == nullptr) {
@@ -270,10 +272,11 @@ SharedGrads shared_negative_grads(const at::Tensor& coef, const at::Tensor& grad
   const auto gemm_dtype = h.scalar_type();
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const dim3 grid = coef_tile_grid(n, k), block(kWarpsPerBlock * kWarpSize);
-  const bool scaled = gemm_dtype == at::kHalf;
+  // An empty operand needs no scaling (its GEMM is zeros).
+  const bool scaled = gemm_dtype == at::kHalf && n > 0 && k > 0;
   auto c_rows = at::empty({n, k}, h.options());
   at::Tensor c_cols;
-  if (scaled && n > 0 && k > 0) {
+  if (scaled) {
     const auto f32 = coef.options().dtype(at::kFloat);
     g.row_scale = at::zeros({n}, f32);
     g.col_scale = at::zeros({k}, f32);

@@ -21,8 +21,8 @@ namespace {
 // VEC float atomics at p (aligned to VEC floats): one vector reduction on sm_90.
 template <int VEC, typename T>
 __device__ __forceinline__ void atomic_add_vec(T* p, const T (&x)[VEC]) {
-  constexpr bool kVector = std::is_same_v<T, float> && (VEC == 4 || VEC == 2);
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  constexpr bool kVector = std::is_same_v<T, float> && (VEC == 4 || VEC == 2);
   if constexpr (kVector && VEC == 4) {
     asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(p), "f"(x[0]), "f"(x[1]),
                  "f"(x[2]), "f"(x[3])
