@@ -130,9 +130,46 @@ def check_grid(rank: int, num_classes: list) -> list:
     return failures
 
 
+def check_dtensor(rank: int, world_size: int) -> list:
+    """A DTensor weight / bias placed Shard(0) on a 1-D mesh instead of the local shard and a
+    group: the same loss, and gradients that come back as DTensors of the same placement."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    failures = []
+    v = 10
+    mesh = init_device_mesh("cpu", (world_size,))
+    hidden, weight, bias, target, noise, _ = make_inputs(v, torch.float64, 11, ignore=True)
+    negatives = torch.randint(v, (N, K), generator=torch.Generator().manual_seed(12))
+    w = distribute_tensor(weight, mesh, [Shard(0)]).requires_grad_()
+    b = distribute_tensor(bias, mesh, [Shard(0)]).requires_grad_()
+    h = leaf(hidden)
+    loss = fd.sampled_softmax_loss(h, w, b, target, noise, negatives=negatives,
+                                   ignore_index=IGNORE)
+    loss.backward()
+    h0, w0, b0 = leaf(hidden), leaf(weight), leaf(bias)
+    expected = fused_nce.sampled_softmax_loss(h0, w0, b0, target, noise, negatives=negatives,
+                                              ignore_index=IGNORE)
+    expected.backward()
+    start, end = fd.shard_range(v)
+    try:
+        torch.testing.assert_close(loss, expected, **TOL[torch.float64])
+        torch.testing.assert_close(h.grad, h0.grad, **TOL[torch.float64])
+        assert tuple(w.grad.placements) == (Shard(0),)
+        torch.testing.assert_close(w.grad.to_local(), w0.grad[start:end], **TOL[torch.float64])
+        torch.testing.assert_close(b.grad.to_local(), b0.grad[start:end], **TOL[torch.float64])
+        full = fd.full_softmax_loss(hidden, w.detach(), None, target, ignore_index=IGNORE,
+                                    num_classes=v)
+        torch.testing.assert_close(full, fused_nce.full_softmax_loss(
+            hidden, weight, None, target, ignore_index=IGNORE), **TOL[torch.float64])
+    except AssertionError as error:
+        failures.append(f"rank {rank} DTensor: {error}")
+    return failures
+
+
 def check_all(rank: int, world_size: int, num_classes: list, bad_input: bool) -> list:
     """Everything one launch checks (process start-up costs more than all the cases)."""
     failures = check_grid(rank, num_classes) + check_full_softmax_and_sgd(rank)
+    failures += check_dtensor(rank, world_size)
     return failures + (check_bad_input(rank) if bad_input else [])
 
 

@@ -373,8 +373,7 @@ std::tuple<at::Tensor, at::Tensor> sampled_loss_forward_cuda(
 namespace {
 
 // grad_hidden[i] = sum_j grad_loss[i] coef[i, j] W[c_j] (+ the shared negatives' GEMM row, times
-// its row scale). Lanes load 32 coefficients and classes at a time and pass them round by
-// shuffles, so each is read once per register tile.
+// its row scale); each coefficient and class is read once per register tile (for_each_column).
 template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(kWarpsPerBlock* kWarpSize)
     grad_hidden_kernel(const Problem<scalar_t> p, const acc_type<scalar_t>* __restrict__ coef,
@@ -392,26 +391,8 @@ __global__ void __launch_bounds__(kWarpsPerBlock* kWarpSize)
   const acc_t shared_factor = row_scale != nullptr ? static_cast<acc_t>(row_scale[i]) : acc_t(1);
   const auto terms = [&](const auto& add) {
     if (from_shared != nullptr) add(shared_factor, from_shared + i * p.dim, p.dim % VEC == 0);
-    for (int64_t j0 = 0; j0 < gathered; j0 += kWarpSize) {
-      const int64_t j = j0 + lane;
-      acc_t my_c = 0;
-      int64_t my_row = 0;
-      if (j < gathered) {
-        const int64_t c = p.column_class(i, j);
-        my_c = g * coef[i * cols + j];
-        if (my_c != 0 && p.valid(c)) {
-          my_row = c;
-        } else {
-          my_c = 0;
-        }
-      }
-      const int count = static_cast<int>(std::min<int64_t>(kWarpSize, gathered - j0));
-      for (int m = 0; m < count; ++m) {
-        const acc_t c = __shfl_sync(kFullMask, my_c, m);
-        const int64_t row = __shfl_sync(kFullMask, my_row, m);
-        add(c, p.weight_row(row), true);
-      }
-    }
+    for_each_column(p, i, gathered, g, coef, lane,
+                    [&](acc_t c, int64_t row) { add(c, p.weight_row(row), true); });
   };
   scalar_t* out = grad_hidden + i * p.dim;
   sum_row_terms<VEC, acc_t>(

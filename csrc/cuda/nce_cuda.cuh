@@ -65,6 +65,38 @@ Problem<scalar_t> make_problem(const at::Tensor& h, const at::Tensor& w, const a
                            neg.dim() == 1};
 }
 
+// Calls visit(c, row) for each of columns 0 .. columns - 1 of example i whose coefficient
+// c = g * coef[i, j] is non-zero and whose class is valid, on every lane in the same order: lanes
+// load 32 (coefficient, class) pairs at a time and pass them round by shuffles, so each is read
+// once. All 32 lanes must call it.
+template <typename scalar_t, typename acc_t, typename Visit>
+__device__ __forceinline__ void for_each_column(const Problem<scalar_t>& p, int64_t i,
+                                                int64_t columns, acc_t g,
+                                                const acc_t* __restrict__ coef, int lane,
+                                                const Visit& visit) {
+  const int64_t stride = p.columns();
+  for (int64_t j0 = 0; j0 < columns; j0 += kWarpSize) {
+    const int64_t j = j0 + lane;
+    acc_t my_c = 0;
+    int64_t my_row = 0;
+    if (j < columns) {
+      const int64_t c = p.column_class(i, j);
+      my_c = g * coef[i * stride + j];
+      if (my_c != 0 && p.valid(c)) {
+        my_row = c;
+      } else {
+        my_c = 0;
+      }
+    }
+    const int count = static_cast<int>(columns - j0 < kWarpSize ? columns - j0 : kWarpSize);
+    for (int m = 0; m < count; ++m) {
+      const acc_t c = __shfl_sync(kFullMask, my_c, m);
+      const int64_t row = __shfl_sync(kFullMask, my_row, m);
+      if (c != 0) visit(c, row);
+    }
+  }
+}
+
 // Widest vector for hidden and weight rows (their bases and row strides) and, where rows of D
 // elements are written (gradients), for rows of `out_stride` elements.
 template <typename scalar_t>

@@ -41,8 +41,7 @@ __device__ __forceinline__ void atomic_add_vec(T* p, const T (&x)[VEC]) {
 }
 
 // One warp per example: grad_weight[c_j] += grad_loss[i] coef[i, j] h_i. The lane's share of h_i
-// stays in registers while the example's 1 + k rows are visited (coefficient and class passed
-// round by shuffles).
+// stays in registers while the example's 1 + k rows are visited (for_each_column).
 template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(kWarpsPerBlock* kWarpSize)
     scatter_atomic_kernel(const Problem<scalar_t> p, const scalar_t* __restrict__ coef,
@@ -55,28 +54,8 @@ __global__ void __launch_bounds__(kWarpsPerBlock* kWarpSize)
   const int64_t cols = p.columns(), dim = p.dim, num_vecs = dim / VEC;
   const scalar_t g = grad_loss[i];
   const scalar_t* h = p.hidden_row(i);
-  // Calls visit(c, row) for every column with a non-zero coefficient, on every lane.
-  const auto for_each_column = [&](const auto& visit) {
-    for (int64_t j0 = 0; j0 < cols; j0 += kWarpSize) {
-      const int64_t j = j0 + lane;
-      scalar_t my_c = 0;
-      int64_t my_row = 0;
-      if (j < cols) {
-        const int64_t c = p.column_class(i, j);
-        my_c = g * coef[i * cols + j];
-        if (my_c != 0 && p.valid(c)) {
-          my_row = c;
-        } else {
-          my_c = 0;
-        }
-      }
-      const int count = static_cast<int>(std::min<int64_t>(kWarpSize, cols - j0));
-      for (int m = 0; m < count; ++m) {
-        const scalar_t c = __shfl_sync(kFullMask, my_c, m);
-        const int64_t row = __shfl_sync(kFullMask, my_row, m);
-        if (c != 0) visit(c, row);
-      }
-    }
+  const auto for_each_nonzero = [&](const auto& visit) {
+    for_each_column(p, i, cols, g, coef, lane, visit);
   };
   for (int64_t v0 = 0; v0 < num_vecs; v0 += kWarpSize * kTileVecs) {
     scalar_t hv[kTileVecs][VEC];
@@ -85,7 +64,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock* kWarpSize)
       const int64_t v = v0 + lane + u * kWarpSize;
       if (v < num_vecs) load_vec<VEC>(h + v * VEC, hv[u]);
     }
-    for_each_column([&](scalar_t c, int64_t row) {
+    for_each_nonzero([&](scalar_t c, int64_t row) {
 #pragma unroll
       for (int u = 0; u < kTileVecs; ++u) {
         const int64_t v = v0 + lane + u * kWarpSize;
@@ -100,7 +79,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock* kWarpSize)
   const int64_t d = num_vecs * VEC + lane;
   if (num_vecs * VEC < dim) {
     const scalar_t hd = d < dim ? h[d] : scalar_t(0);
-    for_each_column([&](scalar_t c, int64_t row) {
+    for_each_nonzero([&](scalar_t c, int64_t row) {
       if (d < dim) atomicAdd(grad_weight + row * dim + d, c * hd);
     });
   }

@@ -157,12 +157,36 @@ def _global_softmax(local_max: Tensor, logits: Tensor, target: Tensor, ignore_in
     return loss, coef
 
 
+def _local_shard(weight: object, bias: object, group: Group) -> Tuple[object, object, Group]:
+    """A DTensor ``weight`` placed ``Shard(0)`` on a 1-D mesh stands for its local rows and the
+    mesh's group (its split is :func:`shard_range`'s); ``to_local`` carries the gradient back."""
+    try:
+        from torch.distributed.tensor import DTensor, Shard
+    except ImportError:  # torch without DTensor
+        return weight, bias, group
+    if not isinstance(weight, DTensor):
+        return weight, bias, group
+    mesh = weight.device_mesh
+    if mesh.ndim != 1 or tuple(weight.placements) != (Shard(0),):
+        raise ValueError(f"weight as a DTensor must be placed Shard(0) on a 1-D mesh, got "
+                         f"{tuple(weight.placements)} on a {mesh.ndim}-D mesh")
+    mesh_group = mesh.get_group()
+    if group is not None and group != mesh_group:
+        raise ValueError("group differs from the process group of weight's device mesh")
+    if isinstance(bias, DTensor):
+        if tuple(bias.placements) != (Shard(0),) or bias.device_mesh != mesh:
+            raise ValueError("bias as a DTensor must be placed Shard(0) on weight's mesh")
+        bias = bias.to_local()
+    return weight.to_local(), bias, mesh_group
+
+
 def _sharded_loss(objective: str, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
                   target: Tensor, noise: Optional[fn.Noise], num_negatives: Optional[int],
                   negatives: Optional[Tensor], shared_negatives: bool,
                   log_z: Union[float, Tensor], remove_accidental_hits: bool, ignore_index: int,
                   reduction: str, generator: Optional[torch.Generator], sparse_grad: bool,
                   group: Group, num_classes: Optional[int]) -> Tensor:
+    weight, bias, group = _local_shard(weight, bias, group)  # type: ignore[assignment]
     pg = resolve_group(group)
     rank, size = dist.get_rank(pg), dist.get_world_size(pg)
     error: Optional[BaseException] = None
@@ -339,6 +363,7 @@ def full_softmax_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ta
     """Exact vocab-parallel cross-entropy (evaluation, perplexity) with ``weight`` / ``bias``
     this rank's shard; equal to :func:`fused_nce.full_softmax_loss` on the whole layer. Holds at
     most ``chunk_size`` columns of logits at once (all of the shard's when None)."""
+    weight, bias, group = _local_shard(weight, bias, group)  # type: ignore[assignment]
     pg = resolve_group(group)
     rank, size = dist.get_rank(pg), dist.get_world_size(pg)
     error: Optional[BaseException] = None
