@@ -179,20 +179,23 @@ def test_cuda_bad_index_is_a_device_assert_not_a_crash(bad_line):
 @pytest.mark.parametrize("dim", [1027, 1024])
 def test_cuda_misaligned_views_and_wide_rows(dtype, shared, dim):
     """D >= 1024, not a multiple of 8, and weight / hidden views starting one element into a
-    wider matrix: the narrower vectors and the scalar tail give the CPU's results."""
-    def problem(device):
-        p = make_problem(n=45, dim=dim, num_classes=90, k=20, dtype=dtype, shared=shared)
-        for name in ["weight", "hidden"]:
-            t = getattr(p, name)
-            wide = torch.zeros(t.shape[0], dim + 3, dtype=dtype)
-            wide[:, 1:dim + 1] = t
-            setattr(p, name, wide.to(device)[:, 1:dim + 1])
-        return to_cuda(p) if device == "cuda" else p
-    cpu, cuda = problem("cpu"), problem("cuda")
-    assert cuda.weight.storage_offset() == 1
+    wider matrix (read in place: narrower vectors and the scalar tail) give the CPU's results."""
+    p = make_problem(n=45, dim=dim, num_classes=90, k=20, dtype=dtype, shared=shared)
+    expected = {o: loss_and_grads(run_fused, o, p) for o in OBJECTIVES}
+    q = to_cuda(make_problem(n=45, dim=dim, num_classes=90, k=20, dtype=dtype, shared=shared))
     for objective in OBJECTIVES:
-        assert_agree(loss_and_grads(run_fused, objective, cpu),
-                     loss_and_grads(run_fused, objective, cuda), dtype, objective)
+        leaves = []
+        for t in [q.hidden, q.weight]:
+            wide = torch.zeros(t.shape[0], dim + 3, dtype=dtype, device="cuda")
+            wide[:, 1:dim + 1] = t
+            leaves.append(wide.requires_grad_())
+        bias = q.bias.clone().requires_grad_()
+        hidden, weight = (wide[:, 1:dim + 1] for wide in leaves)
+        assert weight.storage_offset() == 1 and not weight.is_contiguous()
+        loss = run_fused(objective, q, [hidden, weight, bias])
+        loss.backward(torch.linspace(0.5, 1.5, loss.numel(), device="cuda").reshape(loss.shape))
+        grads = [leaves[0].grad[:, 1:dim + 1], leaves[1].grad[:, 1:dim + 1], bias.grad]
+        assert_agree(expected[objective], (loss.detach(), grads), dtype, objective)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
