@@ -10,6 +10,21 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 V, D, N, K = 500, 32, 64, 8
 
 
+def capture(fn):
+    """Warms fn up on a side stream (as CUDA graph capture requires), then captures one call;
+    returns (graph, its outputs)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = fn()
+    return graph, outputs
+
+
 def test_captured_training_step_replays():
     device = torch.device("cuda")
     torch.manual_seed(0)
@@ -29,16 +44,7 @@ def test_captured_training_step_replays():
         optimizer.step()
         return negatives, loss
 
-    # Warm up on a side stream, as CUDA graph capture requires, then capture one step.
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_negatives, static_loss = step()
+    graph, (static_negatives, static_loss) = capture(step)
 
     seen = []
     for _ in range(3):
@@ -86,20 +92,6 @@ def test_captured_module_loss_draws_fresh_negatives():
     spread = (sum((x - mean) ** 2 for x in eager) / len(eager)) ** 0.5
     # Two means of 200 draws each: their difference is within 5 standard errors.
     assert abs(sum(replayed) / len(replayed) - mean) < 5 * spread * (2 / len(eager)) ** 0.5
-
-
-def capture(fn):
-    """Warms fn up on a side stream, then captures one call; returns (graph, its outputs)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outputs = fn()
-    return graph, outputs
 
 
 def test_captured_step_with_a_frozen_output_layer():
