@@ -206,16 +206,7 @@ def _sharded_loss(objective: str, hidden: Tensor, weight: Tensor, bias: Optional
                              "with explicit negatives")
         negs = fn._negatives(negatives, num_negatives, shared_negatives, sampler, target.shape,
                              device, generator)
-        acc = accumulation_dtype(hidden.dtype)
-        if isinstance(log_z, Tensor):
-            if log_z.numel() != 1 or log_z.dim() != 0:
-                raise ValueError(f"log_z must be a float or a 0-dim tensor, got shape "
-                                 f"{tuple(log_z.shape)}")
-            log_z_t = log_z.to(device=device, dtype=acc)
-        elif isinstance(log_z, (int, float)) and not isinstance(log_z, bool):
-            log_z_t = torch.full((), float(log_z), dtype=acc, device=device)
-        else:
-            raise TypeError(f"log_z must be a float or a 0-dim tensor, got {type(log_z).__name__}")
+        log_z_t = fn._log_z_tensor(log_z, device, accumulation_dtype(hidden.dtype))
         flat_target = target.reshape(-1)
         # Replicated inputs must be equal on every rank: a cheap fingerprint of the indices (a
         # rank whose generator state differs draws other negatives).
@@ -234,15 +225,7 @@ def _sharded_loss(objective: str, hidden: Tensor, weight: Tensor, bias: Optional
     loss: Tensor = _ShardedLoss.apply(  # type: ignore[no-untyped-call]
         h, weight, bias, lz, flat_target, negs, noise_probs, OBJECTIVES[objective],
         bool(remove_accidental_hits), int(ignore_index), bool(sparse_grad), start, v, pg)
-    return _reduce(loss, target, ignore_index, reduction)
-
-
-def _reduce(loss: Tensor, target: Tensor, ignore_index: int, reduction: str) -> Tensor:
-    if reduction == "none":
-        return loss.reshape(target.shape)
-    if reduction == "sum":
-        return loss.sum()
-    return loss.sum() / (target != ignore_index).sum().clamp_min(1)
+    return fn._reduce(loss, target, ignore_index, reduction)
 
 
 def nce_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
@@ -394,7 +377,7 @@ def full_softmax_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ta
     with torch.autocast(hidden.device.type, enabled=False):
         loss: Tensor = _FullSoftmax.apply(  # type: ignore[no-untyped-call]
             h, weight, bias, flat, keep, start, step, pg)
-    return _reduce(loss, target, ignore_index, reduction)
+    return fn._reduce(loss, target, ignore_index, reduction)
 
 
 class VocabParallelNCELoss(NCELoss):

@@ -161,26 +161,33 @@ def _sampled_loss(objective: str, hidden: Tensor, weight: Tensor, bias: Optional
     batch_shape = target.shape
     negs = _negatives(negatives, num_negatives, shared_negatives, sampler, batch_shape, device,
                       generator)
-    acc = accumulation_dtype(hidden.dtype)
-    if isinstance(log_z, Tensor):
-        if log_z.numel() != 1 or log_z.dim() != 0:
-            raise ValueError(f"log_z must be a float or a 0-dim tensor, got shape {tuple(log_z.shape)}")
-        log_z_t = log_z.to(device=device, dtype=acc)
-    elif isinstance(log_z, (int, float)) and not isinstance(log_z, bool):
-        log_z_t = torch.full((), float(log_z), dtype=acc, device=device)  # a fill: no copy to capture
-    else:
-        raise TypeError(f"log_z must be a float or a 0-dim tensor, got {type(log_z).__name__}")
+    log_z_t = _log_z_tensor(log_z, device, accumulation_dtype(hidden.dtype))
     noise_probs = sampler.probs if (uses_noise and sampler is not None) else None
     loss = sampled_loss(
         hidden.reshape(-1, hidden.shape[-1]), weight, bias, target.reshape(-1), negs, noise_probs,
         log_z_t, OBJECTIVES[objective], bool(remove_accidental_hits), int(ignore_index),
         bool(sparse_grad))
+    return _reduce(loss, target, ignore_index, reduction)
+
+
+def _log_z_tensor(log_z: object, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """``log_z`` (a float or a 0-dim tensor, checked) as a 0-dim tensor of ``dtype``."""
+    if isinstance(log_z, Tensor):
+        if log_z.numel() != 1 or log_z.dim() != 0:
+            raise ValueError(f"log_z must be a float or a 0-dim tensor, got shape {tuple(log_z.shape)}")
+        return log_z.to(device=device, dtype=dtype)
+    if isinstance(log_z, (int, float)) and not isinstance(log_z, bool):
+        return torch.full((), float(log_z), dtype=dtype, device=device)  # a fill: no copy to capture
+    raise TypeError(f"log_z must be a float or a 0-dim tensor, got {type(log_z).__name__}")
+
+
+def _reduce(loss: Tensor, target: Tensor, ignore_index: int, reduction: str) -> Tensor:
+    """Per-example losses [N] to ``reduction`` ("mean": over the examples not ignored)."""
     if reduction == "none":
-        return loss.reshape(batch_shape)
+        return loss.reshape(target.shape)
     if reduction == "sum":
         return loss.sum()
-    kept = (target != ignore_index).sum().clamp_min(1)
-    return loss.sum() / kept
+    return loss.sum() / (target != ignore_index).sum().clamp_min(1)
 
 
 def nce_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
@@ -280,11 +287,7 @@ def full_softmax_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ta
         raise ValueError(f"target holds class indices outside [0, {num_classes})")
     with torch.autocast(hidden.device.type, enabled=False):  # keep the float32 logits float32
         loss = _full_softmax(h, weight, bias, safe_t, keep, acc, chunk_size)
-    if reduction == "none":
-        return loss.reshape(target.shape)
-    if reduction == "sum":
-        return loss.sum()
-    return loss.sum() / keep.sum().clamp_min(1)
+    return _reduce(loss, target, ignore_index, reduction)
 
 
 def _full_softmax(h: Tensor, weight: Tensor, bias: Optional[Tensor], safe_t: Tensor, keep: Tensor,
