@@ -10,15 +10,10 @@
 
 #include "../fused_nce.h"
 #include "../nce_math.h"
+#include "clones.h"
 
 namespace fused_nce {
 namespace {
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define FUSED_NCE_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define FUSED_NCE_CLONES
-#endif
 
 // Draws begin..end-1 into out. The Philox outputs of a block of draws are computed first, in a
 // loop the compiler vectorizes (AVX2 where the CPU has it), then the table is read draw by draw;

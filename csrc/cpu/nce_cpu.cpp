@@ -17,6 +17,7 @@
 #include "../checks.h"
 #include "../fused_nce.h"
 #include "../nce_math.h"
+#include "clones.h"
 
 namespace fused_nce {
 namespace {
@@ -26,12 +27,6 @@ using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, fl
 
 // float32 rows, the common case, get AVX2 / FMA code where the CPU has it (picked once, when the
 // library loads); everything else the baseline's. A pragma-vectorized loop either way.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define FUSED_NCE_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define FUSED_NCE_CLONES
-#endif
-
 FUSED_NCE_CLONES float dot_f32(const float* a, const float* b, int64_t n) {
   float sum = 0;
 #pragma omp simd reduction(+ : sum)
