@@ -51,17 +51,26 @@ struct Term {
   T grad;
 };
 
+// log1p(e) from u = 1 + e as rounded: log(u) * e / (u - 1) is as accurate as log1p (the rounding
+// of u cancels; Goldberg 1991, Theorem 4) and costs a log and a division, where glibc's log1pf is a
+// slow generic routine.
+template <typename T>
+FUSED_NCE_HD T log1p_from(T e, T u) {
+  using std::log;
+  return u == T(1) ? e : log(u) * (e / (u - T(1)));
+}
+
 template <typename T>
 FUSED_NCE_HD Term<T> binary_term(bool positive, T d) {
   using std::exp;
   using std::fabs;
-  using std::log1p;
   // x = -d (target) or d (negative): softplus(x) = max(x, 0) + log1p(e) and sigmoid(x) =
   // 1 / (1 + e) or e / (1 + e), both from the one e = exp(-|x|) <= 1 (never exp of a positive).
   const T x = positive ? -d : d;
   const T e = exp(-fabs(x));
-  const T loss = (x > T(0) ? x : T(0)) + log1p(e);
-  const T sig = x >= T(0) ? T(1) / (T(1) + e) : e / (T(1) + e);
+  const T u = T(1) + e;
+  const T loss = (x > T(0) ? x : T(0)) + log1p_from(e, u);
+  const T sig = x >= T(0) ? T(1) / u : e / u;
   return Term<T>{loss, positive ? -sig : sig};
 }
 

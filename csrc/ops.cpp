@@ -8,6 +8,12 @@ TORCH_LIBRARY(fused_nce, m) {
       "sampled_loss_forward(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, "
       "Tensor negatives, Tensor? noise_probs, Tensor log_z, int objective, "
       "bool remove_accidental_hits, int ignore_index) -> (Tensor, Tensor)");
+  // The differentiable loss (autograd.cpp) over the ops below: the forward's loss reduced by
+  // `reduction` (0 none [N], 1 sum, 2 mean over the examples not ignored).
+  m.def(
+      "sampled_loss(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, Tensor negatives, "
+      "Tensor? noise_probs, Tensor log_z, int objective, bool remove_accidental_hits, "
+      "int ignore_index, bool sparse_grad, int reduction) -> Tensor");
   // grad_hidden by a second gather; grad_weight / grad_bias into the touched rows only.
   m.def(
       "sampled_loss_backward(Tensor grad_loss, Tensor coef, Tensor hidden, Tensor weight, "

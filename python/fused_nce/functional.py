@@ -166,8 +166,8 @@ def _sampled_loss(objective: str, hidden: Tensor, weight: Tensor, bias: Optional
     loss = sampled_loss(
         hidden.reshape(-1, hidden.shape[-1]), weight, bias, target.reshape(-1), negs, noise_probs,
         log_z_t, OBJECTIVES[objective], bool(remove_accidental_hits), int(ignore_index),
-        bool(sparse_grad))
-    return _reduce(loss, target, ignore_index, reduction)
+        bool(sparse_grad), reduction)
+    return loss.reshape(target.shape) if reduction == "none" else loss
 
 
 def _log_z_tensor(log_z: object, device: torch.device, dtype: torch.dtype) -> Tensor:

@@ -1,0 +1,176 @@
+// The differentiable loss op `sampled_loss`: autograd in C++ over the forward / backward ops, so a
+// training step pays for no Python autograd Function (its context, saved-tensor and GC bookkeeping
+// cost more than the kernels at small shapes). Every backend shares it; torch.compile traces
+// through it into the forward and backward ops and their fake kernels.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+namespace fused_nce {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using OptTensor = std::optional<at::Tensor>;
+
+std::tuple<at::Tensor, at::Tensor> call_forward(const at::Tensor& hidden, const at::Tensor& weight,
+                                                const OptTensor& bias, const at::Tensor& target,
+                                                const at::Tensor& negatives,
+                                                const OptTensor& noise_probs,
+                                                const at::Tensor& log_z, int64_t objective,
+                                                bool remove_accidental_hits, int64_t ignore_index) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("fused_nce::sampled_loss_forward", "")
+          .typed<std::tuple<at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&, const OptTensor&, const at::Tensor&,
+              const at::Tensor&, const OptTensor&, const at::Tensor&, int64_t, bool, int64_t)>();
+  return op.call(hidden, weight, bias, target, negatives, noise_probs, log_z, objective,
+                 remove_accidental_hits, ignore_index);
+}
+
+using BackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, bool,
+    const at::Tensor&, const at::Tensor&, int64_t);
+using BackwardRowsSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, bool,
+    const at::Tensor&, const at::Tensor&, int64_t);
+using BackwardHiddenSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                     const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                     int64_t);
+
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+// A coalesced COO tensor of `size` whose only non-zero rows are `values` at the strictly ascending
+// `rows` (as the rows op returns them: checking the invariants again would cost a pass).
+at::Tensor rows_to_sparse(const at::Tensor& rows, const at::Tensor& values, at::IntArrayRef size) {
+  return at::_sparse_coo_tensor_unsafe(rows.unsqueeze(0), values, size,
+                                       values.options().layout(at::kSparse),
+                                       /*is_coalesced=*/true);
+}
+
+// Reductions of the `reduction` argument; python/fused_nce/_ops.py mirrors them.
+enum Reduction : int64_t { kNone = 0, kSum = 1, kMean = 2 };
+
+// The loss reduced by `reduction` (kMean: over the examples not ignored); differentiable in hidden,
+// weight, bias and log_z. With sparse_grad the gradients of weight and bias are coalesced sparse
+// COO tensors holding only the touched rows.
+class SampledLoss : public torch::autograd::Function<SampledLoss> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& hidden,
+                            const at::Tensor& weight, const OptTensor& bias,
+                            const at::Tensor& target, const at::Tensor& negatives,
+                            const OptTensor& noise_probs, const at::Tensor& log_z,
+                            int64_t objective, bool remove_accidental_hits, int64_t ignore_index,
+                            bool sparse_grad, int64_t reduction) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [loss, coef] = call_forward(hidden, weight, bias, target, negatives, noise_probs, log_z,
+                                     objective, remove_accidental_hits, ignore_index);
+    const bool has_bias = bias.has_value() && bias->defined();
+    const bool has_noise = noise_probs.has_value() && noise_probs->defined();
+    // The mean divides by the number of examples not ignored, a tensor: never read on the host.
+    at::Tensor count;
+    if (reduction == kMean) count = target.ne(ignore_index).sum().clamp_min(1);
+    ctx->save_for_backward({hidden, weight, target, negatives, coef, count});
+    ctx->saved_data["has_bias"] = has_bias;
+    // needs_input_grad counts the tensor inputs present: hidden, weight, [bias], target,
+    // negatives, [noise_probs], log_z.
+    ctx->saved_data["log_z_input"] = int64_t{4} + has_bias + has_noise;
+    ctx->saved_data["objective"] = objective;
+    ctx->saved_data["ignore_index"] = ignore_index;
+    ctx->saved_data["sparse_grad"] = sparse_grad;
+    ctx->saved_data["reduction"] = reduction;
+    if (reduction == kNone) return loss;
+    return reduction == kSum ? loss.sum() : loss.sum() / count;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto backward_dense = find_op<BackwardSig>("fused_nce::sampled_loss_backward");
+    static const auto backward_rows =
+        find_op<BackwardRowsSig>("fused_nce::sampled_loss_backward_rows");
+    static const auto backward_hidden =
+        find_op<BackwardHiddenSig>("fused_nce::sampled_loss_backward_hidden");
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &hidden = saved[0], &weight = saved[1], &target = saved[2],
+                     &negatives = saved[3], &coef = saved[4], &count = saved[5];
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const int64_t ignore_index = ctx->saved_data["ignore_index"].toInt();
+    const int64_t reduction = ctx->saved_data["reduction"].toInt();
+    // dloss/dloss_i for every example, [N] (the kernels read it densely).
+    at::Tensor grad_loss = grads[0];
+    if (reduction != kNone) {
+      grad_loss = (reduction == kMean ? grad_loss / count : grad_loss).expand({coef.size(0)})
+                      .contiguous();
+    }
+    const bool needs_hidden = ctx->needs_input_grad(0);
+    const bool needs_weight = ctx->needs_input_grad(1) || (has_bias && ctx->needs_input_grad(2));
+    at::Tensor grad_hidden, grad_weight, grad_bias, grad_log_z;
+    if (needs_weight) {
+      if (ctx->saved_data["sparse_grad"].toBool()) {
+        auto [gh, rows, weight_rows, bias_rows] = backward_rows.call(
+            grad_loss, coef, hidden, weight, has_bias, target, negatives, ignore_index);
+        grad_hidden = gh;
+        grad_weight = rows_to_sparse(rows, weight_rows, weight.sizes());
+        if (has_bias) grad_bias = rows_to_sparse(rows, bias_rows, weight.sizes().slice(0, 1));
+      } else {
+        std::tie(grad_hidden, grad_weight, grad_bias) = backward_dense.call(
+            grad_loss, coef, hidden, weight, has_bias, target, negatives, ignore_index);
+        if (!has_bias) grad_bias = at::Tensor();
+      }
+    } else if (needs_hidden) {
+      // A frozen output layer: grad_hidden alone, no weight rows at all.
+      grad_hidden = backward_hidden.call(grad_loss, coef, hidden, weight, target, negatives,
+                                         ignore_index);
+    }
+    if (ctx->saved_data["objective"].toInt() == 0 &&
+        ctx->needs_input_grad(ctx->saved_data["log_z_input"].toInt())) {
+      // NCE's d = s - log_z - log(k q): dloss/dlog_z = -sum_j dloss/ds_j.
+      grad_log_z = -(grad_loss.unsqueeze(1) * coef).sum();
+    }
+    return {grad_hidden, grad_weight, grad_bias, at::Tensor(), at::Tensor(), at::Tensor(),
+            grad_log_z, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor sampled_loss_autograd(const at::Tensor& hidden, const at::Tensor& weight,
+                                 const OptTensor& bias, const at::Tensor& target,
+                                 const at::Tensor& negatives, const OptTensor& noise_probs,
+                                 const at::Tensor& log_z, int64_t objective,
+                                 bool remove_accidental_hits, int64_t ignore_index,
+                                 bool sparse_grad, int64_t reduction) {
+  return SampledLoss::apply(hidden, weight, bias, target, negatives, noise_probs, log_z, objective,
+                            remove_accidental_hits, ignore_index, sparse_grad, reduction);
+}
+
+// Below autograd (inference mode, or inside another op): the forward alone.
+at::Tensor sampled_loss_forward_only(const at::Tensor& hidden, const at::Tensor& weight,
+                                     const OptTensor& bias, const at::Tensor& target,
+                                     const at::Tensor& negatives, const OptTensor& noise_probs,
+                                     const at::Tensor& log_z, int64_t objective,
+                                     bool remove_accidental_hits, int64_t ignore_index,
+                                     bool sparse_grad, int64_t reduction) {
+  auto loss = std::get<0>(call_forward(hidden, weight, bias, target, negatives, noise_probs,
+                                       log_z, objective, remove_accidental_hits, ignore_index));
+  if (reduction == kNone) return loss;
+  if (reduction == kSum) return loss.sum();
+  return loss.sum() / target.ne(ignore_index).sum().clamp_min(1);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_nce, Autograd, m) {
+  m.impl("sampled_loss", &sampled_loss_autograd);
+}
+
+TORCH_LIBRARY_IMPL(fused_nce, CompositeExplicitAutograd, m) {
+  m.impl("sampled_loss", &sampled_loss_forward_only);
+}
+
+}  // namespace fused_nce
