@@ -166,10 +166,53 @@ def check_dtensor(rank: int, world_size: int) -> list:
     return failures
 
 
+def check_compiled(rank: int) -> list:
+    """torch.compile over a step with a model, each vocab-parallel loss and the full softmax:
+    the same losses and gradients as eager, and the graph breaks only where the collectives run
+    (the model, the sampling and the reduction stay compiled)."""
+    failures = []
+    v = 9
+    start, end = fd.shard_range(v)
+    hidden, weight, bias, target, noise, _ = make_inputs(v, torch.float32, 21, ignore=True)
+    sampler = fused_nce.AliasSampler(noise)
+    torch.manual_seed(0)  # the same replicated layer on every rank
+    layer = torch.nn.Linear(D, D)
+    w, b = leaf(weight[start:end]), leaf(bias[start:end])
+
+    def step(x, t):
+        h = torch.tanh(layer(x))
+        return (fd.nce_loss(h, w, b, t, sampler, num_negatives=K, ignore_index=IGNORE)
+                + fd.sampled_softmax_loss(h, w, b, t, sampler, num_negatives=K,
+                                          shared_negatives=True, ignore_index=IGNORE)
+                + fd.full_softmax_loss(h, w, b, t, num_classes=v, ignore_index=IGNORE))
+
+    def run(fn):
+        for p in (w, b, *layer.parameters()):
+            p.grad = None
+        torch.manual_seed(5)
+        loss = fn(hidden, target)
+        loss.backward()
+        return [loss.detach()] + [p.grad.clone() for p in (w, b, *layer.parameters())]
+
+    torch._dynamo.reset()
+    expected, actual = run(step), run(torch.compile(step))
+    for name, a, e in zip(["loss", "weight", "bias", "layer.weight", "layer.bias"], actual,
+                          expected):
+        if not torch.allclose(a, e, rtol=1e-5, atol=1e-6):
+            failures.append(f"rank {rank} compiled {name} differs from eager")
+    explanation = torch._dynamo.explain(step)(hidden, target)
+    reasons = [str(r.reason) for r in explanation.break_reasons]
+    if not reasons or any("_sharded_apply" not in r and "_full_softmax_apply" not in r
+                          for r in reasons):
+        failures.append(f"rank {rank} graph breaks outside the collectives: {reasons}")
+    return failures
+
+
 def check_all(rank: int, world_size: int, num_classes: list, bad_input: bool) -> list:
     """Everything one launch checks (process start-up costs more than all the cases)."""
     failures = check_grid(rank, num_classes) + check_full_softmax_and_sgd(rank)
     failures += check_dtensor(rank, world_size)
+    failures += check_compiled(rank) if world_size == 2 else []
     return failures + (check_bad_input(rank) if bad_input else [])
 
 

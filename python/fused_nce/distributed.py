@@ -18,7 +18,7 @@ each rank's coefficients ``softmax - [target]`` follow locally. Backward: one al
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -190,7 +190,7 @@ def _sharded_loss(objective: str, hidden: Tensor, weight: Tensor, bias: Optional
     pg = resolve_group(group)
     rank, size = dist.get_rank(pg), dist.get_world_size(pg)
     error: Optional[BaseException] = None
-    fields = [0] * 6
+    fields = [0] * 4
     try:
         v = _num_classes(noise, num_classes)
         start, end = _range(v, rank, size)
@@ -207,25 +207,48 @@ def _sharded_loss(objective: str, hidden: Tensor, weight: Tensor, bias: Optional
         negs = fn._negatives(negatives, num_negatives, shared_negatives, sampler, target.shape,
                              device, generator)
         log_z_t = fn._log_z_tensor(log_z, device, accumulation_dtype(hidden.dtype))
-        flat_target = target.reshape(-1)
-        # Replicated inputs must be equal on every rank: a cheap fingerprint of the indices (a
-        # rank whose generator state differs draws other negatives).
-        fields = [v, hidden.shape[-1], flat_target.numel(), negs.shape[-1],
-                  int(flat_target.sum()), int(negs.sum())]
+        fields = [v, hidden.shape[-1], target.numel(), negs.shape[-1]]
     except (ValueError, TypeError) as caught:
         error = caught
+    noise_probs = sampler.probs if (error is None and uses_noise and sampler is not None) else None
+    loss = _sharded_apply(fields, error, pg, hidden, weight, bias, log_z_t if error is None else None,
+                          target, negs if error is None else None, noise_probs,
+                          OBJECTIVES[objective], bool(remove_accidental_hits), int(ignore_index),
+                          bool(sparse_grad), start if error is None else 0)
+    return fn._reduce(loss, target, ignore_index, reduction)
+
+
+@torch.compiler.disable
+def _sharded_apply(fields: List[int], error: Optional[BaseException], pg: dist.ProcessGroup,
+                   hidden: Tensor, weight: Tensor, bias: Optional[Tensor], log_z: Optional[Tensor],
+                   target: Tensor, negatives: Optional[Tensor], noise_probs: Optional[Tensor],
+                   objective: int, remove_accidental_hits: bool, ignore_index: int,
+                   sparse_grad: bool, start: int) -> Tensor:
+    """The collectives and the shard kernels: the agreement check, then ``_ShardedLoss``.
+
+    Outside any compiled graph (the one graph break of a compiled vocab-parallel loss): the
+    check reads index sums on the host and every collective runs eagerly, so a compiled step
+    does exactly the eager step's communication, in the same order on every rank.
+    """
+    flat_target = target.reshape(-1) if isinstance(target, Tensor) else target
+    if error is None:
+        assert negatives is not None
+        # Replicated inputs must be equal on every rank: a cheap fingerprint of the indices (a
+        # rank whose generator state differs draws other negatives).
+        fields = fields + [int(flat_target.sum()), int(negatives.sum())]
+    else:
+        fields = fields + [0, 0]
     agree(fields, error, pg, ["num_classes (V)", "hidden's last dim (D)",
                               "the number of examples (N)", "the number of negatives (k)",
                               "target", "negatives (seed every rank's generator alike)"],
           like=hidden if isinstance(hidden, Tensor) else None)
-
+    assert log_z is not None and negatives is not None
     h = copy_to_group(hidden.reshape(-1, hidden.shape[-1]), pg)
-    lz = copy_to_group(log_z_t, pg) if objective == "nce" else log_z_t
-    noise_probs = sampler.probs if (uses_noise and sampler is not None) else None
+    lz = copy_to_group(log_z, pg) if objective == NCE else log_z
     loss: Tensor = _ShardedLoss.apply(  # type: ignore[no-untyped-call]
-        h, weight, bias, lz, flat_target, negs, noise_probs, OBJECTIVES[objective],
-        bool(remove_accidental_hits), int(ignore_index), bool(sparse_grad), start, v, pg)
-    return fn._reduce(loss, target, ignore_index, reduction)
+        h, weight, bias, lz, flat_target, negatives, noise_probs, objective,
+        remove_accidental_hits, ignore_index, sparse_grad, start, fields[0], pg)
+    return loss
 
 
 def nce_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
@@ -350,7 +373,7 @@ def full_softmax_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ta
     pg = resolve_group(group)
     rank, size = dist.get_rank(pg), dist.get_world_size(pg)
     error: Optional[BaseException] = None
-    fields = [0, 0, 0, 0]
+    fields = [0, 0, 0]
     try:
         if num_classes is None:
             raise ValueError("num_classes (V, over all shards) is required")
@@ -362,22 +385,38 @@ def full_softmax_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ta
         if chunk_size is not None and (isinstance(chunk_size, bool)
                                        or not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-        flat = target.reshape(-1)
-        keep = flat != ignore_index
-        if bool(((flat < 0) | (flat >= v))[keep].any()):
-            raise ValueError(f"target holds class indices outside [0, {v})")
-        fields = [v, hidden.shape[-1], flat.numel(), int(flat.sum())]
+        fields = [v, hidden.shape[-1], target.numel()]
     except (ValueError, TypeError) as caught:
         error = caught
+    loss = _full_softmax_apply(fields, error, pg, hidden, weight, bias, target, ignore_index,
+                               start if error is None else 0, chunk_size)
+    return fn._reduce(loss, target, ignore_index, reduction)
+
+
+@torch.compiler.disable
+def _full_softmax_apply(fields: List[int], error: Optional[BaseException], pg: dist.ProcessGroup,
+                        hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+                        ignore_index: int, start: int, chunk_size: Optional[int]) -> Tensor:
+    """The checks that read values, the agreement check and ``_FullSoftmax``: eager, as in
+    ``_sharded_apply``."""
+    flat = keep = None
+    if error is None:
+        flat = target.reshape(-1)
+        keep = flat != ignore_index
+        if bool(((flat < 0) | (flat >= fields[0]))[keep].any()):
+            error = ValueError(f"target holds class indices outside [0, {fields[0]})")
+    fields = fields + [int(flat.sum()) if error is None and flat is not None else 0]
     agree(fields, error, pg, ["num_classes (V)", "hidden's last dim (D)",
                               "the number of examples (N)", "target"],
           like=hidden if isinstance(hidden, Tensor) else None)
-    step = max(1, chunk_size if chunk_size is not None else end - start)
+    assert flat is not None and keep is not None
+    rows = weight.shape[0]
+    step = max(1, chunk_size if chunk_size is not None else rows)
     h = copy_to_group(hidden.reshape(-1, hidden.shape[-1]), pg)
     with torch.autocast(hidden.device.type, enabled=False):
         loss: Tensor = _FullSoftmax.apply(  # type: ignore[no-untyped-call]
             h, weight, bias, flat, keep, start, step, pg)
-    return fn._reduce(loss, target, ignore_index, reduction)
+    return loss
 
 
 class VocabParallelNCELoss(NCELoss):
