@@ -40,16 +40,21 @@ class PeakMemory:
     """Peak bytes in use during a region, relative to its start.
 
     CUDA: the caching allocator's peak. CPU: the process's resident-set high-water mark, reset
-    with /proc/self/clear_refs; malloc is told to return large blocks to the system at once so
-    freed memory is not hidden in its cache.
+    with /proc/self/clear_refs; while it is measured, malloc returns large blocks to the system at
+    once so freed memory is not hidden in its cache. Timed runs use the thresholds that glibc's
+    dynamic ones settle at in a training loop (32 MB), not the measuring ones: otherwise every
+    buffer over 1 MB would be a fresh mapping whose page faults each step pays.
     """
 
     def __init__(self, device: torch.device):
         self.device = device
-        if device.type == "cpu":
-            libc = ctypes.CDLL("libc.so.6")
-            libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: large blocks straight from mmap
-            libc.mallopt(-1, 1 << 20)  # M_TRIM_THRESHOLD
+        self.libc = ctypes.CDLL("libc.so.6") if device.type == "cpu" else None
+        self._malloc_thresholds(32 << 20)
+
+    def _malloc_thresholds(self, nbytes: int) -> None:
+        if self.libc is not None:
+            self.libc.mallopt(-3, nbytes)  # M_MMAP_THRESHOLD: larger blocks straight from mmap
+            self.libc.mallopt(-1, 2 * nbytes)  # M_TRIM_THRESHOLD
 
     def _cpu_status(self, field: str) -> int:
         with open("/proc/self/status") as f:
@@ -61,6 +66,8 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.base = torch.cuda.memory_allocated(self.device)
         else:
+            self._malloc_thresholds(1 << 20)
+            self.libc.malloc_trim(0)
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
             self.base = self._cpu_status("VmRSS")
@@ -69,7 +76,9 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             return torch.cuda.max_memory_allocated(self.device) - self.base
-        return self._cpu_status("VmHWM") - self.base
+        peak = self._cpu_status("VmHWM") - self.base
+        self._malloc_thresholds(32 << 20)
+        return peak
 
 
 def make_case(args, device: torch.device, dtype: torch.dtype, shared: bool, seed: int = 0):
