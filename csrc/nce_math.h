@@ -218,7 +218,10 @@ FUSED_NCE_HD int64_t alias_draw(const int64_t* table, int64_t num_classes, Philo
 #endif
   const uint64_t entry = static_cast<uint64_t>(table[bucket]);
   const uint32_t threshold = static_cast<uint32_t>(entry);
-  return r.x[2] < threshold ? bucket : static_cast<int64_t>(entry >> 32);
+  const int64_t alias = static_cast<int64_t>(entry >> 32);
+  // A select, not a branch: the comparison is a coin flip that a CPU would mispredict.
+  const int64_t keep = -static_cast<int64_t>(r.x[2] < threshold);
+  return alias ^ ((alias ^ bucket) & keep);
 }
 
 }  // namespace fused_nce
