@@ -39,6 +39,38 @@ FUSED_NCE_CLONES void axpy_f32(float alpha, const float* x, float* y, int64_t n)
   for (int64_t d = 0; d < n; ++d) y[d] += alpha * x[d];
 }
 
+// Dots of one hidden row with `count` rows of W, four rows at a time: four independent sums keep
+// the FMA units busy and four rows' loads in flight (the rows are scattered over W).
+FUSED_NCE_CLONES void dots_f32(const float* h, const float* w, int64_t stride,
+                               const int64_t* rows, int64_t count, int64_t n, float* out) {
+  int64_t j = 0;
+  for (; j + 4 <= count; j += 4) {
+    const float* w0 = w + rows[j] * stride;
+    const float* w1 = w + rows[j + 1] * stride;
+    const float* w2 = w + rows[j + 2] * stride;
+    const float* w3 = w + rows[j + 3] * stride;
+    float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+    for (int64_t d = 0; d < n; ++d) {
+      s0 += h[d] * w0[d];
+      s1 += h[d] * w1[d];
+      s2 += h[d] * w2[d];
+      s3 += h[d] * w3[d];
+    }
+    out[j] = s0;
+    out[j + 1] = s1;
+    out[j + 2] = s2;
+    out[j + 3] = s3;
+  }
+  for (; j < count; ++j) {
+    const float* wj = w + rows[j] * stride;
+    float sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t d = 0; d < n; ++d) sum += h[d] * wj[d];
+    out[j] = sum;
+  }
+}
+
 template <typename acc_t, typename scalar_t>
 inline acc_t dot(const acc_t* a, const scalar_t* b, int64_t n) {
   if constexpr (std::is_same_v<acc_t, float> && std::is_same_v<scalar_t, float>) {
@@ -61,6 +93,38 @@ inline void axpy(acc_t alpha, const scalar_t* x, acc_t* y, int64_t n) {
   }
 }
 
+// y += sum_j coefs[j] * base[rows[j]], four rows at a time: y is loaded and stored once per four
+// rows instead of once per row.
+FUSED_NCE_CLONES void axpy_rows_f32(const float* base, int64_t stride, const int64_t* rows,
+                                    const float* coefs, int64_t count, float* y, int64_t n) {
+  int64_t j = 0;
+  for (; j + 4 <= count; j += 4) {
+    const float* x0 = base + rows[j] * stride;
+    const float* x1 = base + rows[j + 1] * stride;
+    const float* x2 = base + rows[j + 2] * stride;
+    const float* x3 = base + rows[j + 3] * stride;
+    const float c0 = coefs[j], c1 = coefs[j + 1], c2 = coefs[j + 2], c3 = coefs[j + 3];
+#pragma omp simd
+    for (int64_t d = 0; d < n; ++d) y[d] += c0 * x0[d] + c1 * x1[d] + c2 * x2[d] + c3 * x3[d];
+  }
+  for (; j < count; ++j) {
+    const float* x = base + rows[j] * stride;
+    const float c = coefs[j];
+#pragma omp simd
+    for (int64_t d = 0; d < n; ++d) y[d] += c * x[d];
+  }
+}
+
+template <typename acc_t, typename scalar_t>
+void axpy_rows(const scalar_t* base, int64_t stride, const int64_t* rows, const acc_t* coefs,
+               int64_t count, acc_t* y, int64_t n) {
+  if constexpr (std::is_same_v<acc_t, float> && std::is_same_v<scalar_t, float>) {
+    axpy_rows_f32(base, stride, rows, coefs, count, y, n);
+  } else {
+    for (int64_t j = 0; j < count; ++j) axpy(coefs[j], base + rows[j] * stride, y, n);
+  }
+}
+
 template <typename acc_t, typename scalar_t>
 inline void load_row(const scalar_t* x, acc_t* y, int64_t n) {
 #pragma omp simd
@@ -71,6 +135,20 @@ template <typename acc_t, typename scalar_t>
 inline void store_row(const acc_t* x, scalar_t* y, int64_t n) {
 #pragma omp simd
   for (int64_t d = 0; d < n; ++d) y[d] = static_cast<scalar_t>(x[d]);
+}
+
+// out[j] = <h, W[rows[j]]> + bias[rows[j]] for j < count (bias may be null).
+template <typename acc_t, typename scalar_t>
+void row_scores(const acc_t* h, const scalar_t* w, int64_t stride, const scalar_t* bias,
+                const int64_t* rows, int64_t count, int64_t n, acc_t* out) {
+  if constexpr (std::is_same_v<acc_t, float> && std::is_same_v<scalar_t, float>) {
+    dots_f32(h, w, stride, rows, count, n, out);
+  } else {
+    for (int64_t j = 0; j < count; ++j) out[j] = dot(h, w + rows[j] * stride, n);
+  }
+  if (bias != nullptr) {
+    for (int64_t j = 0; j < count; ++j) out[j] += static_cast<acc_t>(bias[rows[j]]);
+  }
 }
 
 // Enough work per task that threads are not woken for a few dot products.
@@ -240,6 +318,9 @@ std::tuple<at::Tensor, at::Tensor> sampled_loss_forward_cpu(
     const auto score = [&](const acc_t* h_row, int64_t row) {
       return dot(h_row, wp + row * w_stride, dim) + (bp ? static_cast<acc_t>(bp[row]) : acc_t(0));
     };
+    const auto scores = [&](const acc_t* h_row, const int64_t* rows, int64_t count, acc_t* s) {
+      row_scores(h_row, wp, w_stride, bp, rows, count, dim, s);
+    };
 
     at::parallel_for(0, n_examples, grain_for((1 + k) * dim), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> h_row(dim), log_q(1 + k);
@@ -256,11 +337,12 @@ std::tuple<at::Tensor, at::Tensor> sampled_loss_forward_cpu(
         const int64_t* negs = shared ? np : np + i * k;
         load_row(hp + i * h_stride, h_row.data(), dim);
         s[0] = score(h_row.data(), t);
-        for (int64_t j = 1; j <= k; ++j) {
-          const int64_t r = negs[j - 1];
-          s[j] = shared ? sp[i * k + j - 1] + neg_bias[j - 1] : score(h_row.data(), r);
-          dropped[j] = remove_accidental_hits && r == t;
+        if (shared) {
+          for (int64_t j = 1; j <= k; ++j) s[j] = sp[i * k + j - 1] + neg_bias[j - 1];
+        } else {
+          scores(h_row.data(), negs, k, s + 1);
         }
+        for (int64_t j = 1; j <= k; ++j) dropped[j] = remove_accidental_hits && negs[j - 1] == t;
         if (uses_noise) {
           log_q[0] = class_log_q(t);
           if (!shared) {
@@ -332,20 +414,31 @@ Gradients backward_cpu(const at::Tensor& grad_loss, const at::Tensor& coef,
     }
 
     at::parallel_for(0, n_examples, grain_for((1 + k) * dim), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> acc(dim);
+      std::vector<acc_t> acc(dim), coefs(1 + k);
+      std::vector<int64_t> rows(1 + k);
       for (int64_t i = begin; i < end; ++i) {
         const acc_t* c = cp + i * (1 + k);
+        // The rows with a non-zero coefficient (a zero one is never read): the negatives', then
+        // the target's.
+        int64_t m = 0;
+        if (!shared) {
+          for (int64_t j = 1; j <= k; ++j) {
+            if (c[j] != 0) {
+              rows[m] = np[i * k + j - 1];
+              coefs[m++] = c[j];
+            }
+          }
+        }
+        if (c[0] != 0 && tp[i] != ignore_index) {
+          rows[m] = tp[i];
+          coefs[m++] = c[0];
+        }
         if (shared) {
           load_row(hidden_from_negs.const_data_ptr<acc_t>() + i * dim, acc.data(), dim);
         } else {
           std::fill(acc.begin(), acc.end(), acc_t(0));
-          for (int64_t j = 1; j <= k; ++j) {
-            if (c[j] != 0) axpy(c[j], wp + np[i * k + j - 1] * w_stride, acc.data(), dim);
-          }
         }
-        if (c[0] != 0 && tp[i] != ignore_index) {
-          axpy(c[0], wp + tp[i] * w_stride, acc.data(), dim);
-        }
+        axpy_rows(wp, w_stride, rows.data(), coefs.data(), m, acc.data(), dim);
         store_row(acc.data(), ghp + i * dim, dim);
       }
     });
