@@ -130,7 +130,7 @@ def _negatives(negatives: object, num_negatives: object, shared_negatives: bool,
             raise ValueError("negatives must hold k >= 1 negatives per example")
         if num_negatives is not None and num_negatives != k:
             raise ValueError(f"num_negatives={num_negatives} disagrees with negatives (k = {k})")
-        return negatives if shared else negatives.reshape(n, k)
+        return negatives if shared or negatives.dim() == 2 else negatives.reshape(n, k)
     if num_negatives is None:
         raise ValueError("num_negatives is required when negatives is not given")
     if isinstance(num_negatives, bool) or not isinstance(num_negatives, int):
@@ -163,11 +163,14 @@ def _sampled_loss(objective: str, hidden: Tensor, weight: Tensor, bias: Optional
                       generator)
     log_z_t = _log_z_tensor(log_z, device, accumulation_dtype(hidden.dtype))
     noise_probs = sampler.probs if (uses_noise and sampler is not None) else None
+    # [*, D] and [*] to [N, D] and [N] (a view costs a microsecond: none where already flat).
+    flat = target.dim() == 1
     loss = sampled_loss(
-        hidden.reshape(-1, hidden.shape[-1]), weight, bias, target.reshape(-1), negs, noise_probs,
+        hidden if flat else hidden.reshape(-1, hidden.shape[-1]), weight, bias,
+        target if flat else target.reshape(-1), negs, noise_probs,
         log_z_t, OBJECTIVES[objective], bool(remove_accidental_hits), int(ignore_index),
         bool(sparse_grad), reduction)
-    return loss.reshape(target.shape) if reduction == "none" else loss
+    return loss if flat or reduction != "none" else loss.reshape(target.shape)
 
 
 def _log_z_tensor(log_z: object, device: torch.device, dtype: torch.dtype) -> Tensor:
