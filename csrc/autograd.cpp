@@ -145,6 +145,7 @@ at::Tensor sampled_loss_autograd(const at::Tensor& hidden, const at::Tensor& wei
                                  const at::Tensor& log_z, int64_t objective,
                                  bool remove_accidental_hits, int64_t ignore_index,
                                  bool sparse_grad, int64_t reduction) {
+  TORCH_CHECK_VALUE(reduction >= kNone && reduction <= kMean, "unknown reduction ", reduction);
   return SampledLoss::apply(hidden, weight, bias, target, negatives, noise_probs, log_z, objective,
                             remove_accidental_hits, ignore_index, sparse_grad, reduction);
 }
@@ -156,6 +157,7 @@ at::Tensor sampled_loss_forward_only(const at::Tensor& hidden, const at::Tensor&
                                      const at::Tensor& log_z, int64_t objective,
                                      bool remove_accidental_hits, int64_t ignore_index,
                                      bool sparse_grad, int64_t reduction) {
+  TORCH_CHECK_VALUE(reduction >= kNone && reduction <= kMean, "unknown reduction ", reduction);
   auto loss = std::get<0>(call_forward(hidden, weight, bias, target, negatives, noise_probs,
                                        log_z, objective, remove_accidental_hits, ignore_index));
   if (reduction == kNone) return loss;

@@ -165,6 +165,15 @@ def test_opcheck(device):
                     objective, True, -100)
             torch.library.opcheck(ops.sampled_loss_forward.default, args)
         _, coef = ops.sampled_loss_forward(*args)
+        # The differentiable op (autograd in C++): every reduction, dense and sparse gradients.
+        hidden, weight, bias = (t.detach().requires_grad_() for t in (p.hidden, p.weight, p.bias))
+        for reduction, sparse_grad in [(0, False), (1, False), (2, False), (2, True)]:
+            torch.library.opcheck(
+                ops.sampled_loss.default,
+                (hidden, weight, bias, p.target, p.negatives, p.sampler.probs,
+                 log_z.clone().requires_grad_(), 0, True, -100, sparse_grad, reduction),
+                test_utils=("test_schema", "test_autograd_registration", "test_faketensor")
+                + (() if sparse_grad else ("test_aot_dispatch_dynamic",)))
         grad_loss = torch.linspace(0.1, 1.0, 11, device=device)
         torch.library.opcheck(ops.sampled_loss_backward.default,
                               (grad_loss, coef, p.hidden, p.weight, True, p.target, p.negatives, -100))
@@ -200,3 +209,21 @@ def test_full_softmax_bfloat16_loss_is_float32(device):
     assert loss.dtype == torch.float32
     exact = fused_nce.full_softmax_loss(p.hidden.double(), p.weight.double(), p.bias.double(), p.target)
     torch.testing.assert_close(loss.double(), exact, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_inference_mode_no_grad_and_grad_mode_agree(device, reduction):
+    """Under inference_mode the op runs below autograd (its forward-only kernel): the same loss
+    as under no_grad and as the differentiable path, for a 2-D batch too."""
+    p = make_problem(n=12, device=device, batch_shape=(3, 4))
+    h, w, b = p.leaves()
+    kwargs = dict(negatives=p.negatives, remove_accidental_hits=True, reduction=reduction)
+    with torch.inference_mode():
+        inference = fused_nce.nce_loss(p.hidden, p.weight, p.bias, p.target, p.sampler, **kwargs)
+    with torch.no_grad():
+        no_grad = fused_nce.nce_loss(p.hidden, p.weight, p.bias, p.target, p.sampler, **kwargs)
+    with_grad = fused_nce.nce_loss(h, w, b, p.target, p.sampler, **kwargs)
+    assert inference.shape == no_grad.shape == with_grad.shape == (
+        p.target.shape if reduction == "none" else ())
+    assert torch.equal(inference, no_grad)
+    assert torch.equal(inference, with_grad.detach())
