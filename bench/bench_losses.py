@@ -223,6 +223,10 @@ def main() -> None:
                         default=["per_example", "shared"])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-full-softmax", action="store_true", help="skip the O(V) baseline")
+    parser.add_argument("--draws", type=int, default=None,
+                        help="alias sampler draws to time (default: N * k)")
+    parser.add_argument("--build-classes", type=int, default=None,
+                        help="V of the timed alias table build (default: --num-classes)")
     parser.add_argument("--csv", default="bench/out/bench_losses.csv")
     args = parser.parse_args()
 
@@ -242,13 +246,20 @@ def main() -> None:
 
     rows = []
 
-    def record(mode, objective, provider, times, extra):
+    def record(mode, objective, provider, times, extra, note=""):
         rows.append(dict(meta, mode=mode, objective=objective, provider=provider,
                          median_ms=statistics.median(times), min_ms=min(times),
-                         max_ms=max(times), extra_peak_mb=extra / 2**20))
+                         max_ms=max(times), extra_peak_mb=extra / 2**20, note=note))
         r = rows[-1]
         print(f"  {mode:<12} {objective:<18} {provider:<13} {r['median_ms']:10.2f} ms "
-              f"[{r['min_ms']:.2f}, {r['max_ms']:.2f}]  {r['extra_peak_mb']:9.1f} MB", flush=True)
+              f"[{r['min_ms']:.2f}, {r['max_ms']:.2f}]  {r['extra_peak_mb']:9.1f} MB  {note}",
+              flush=True)
+        # After every row: a run cut short (out of time, out of memory) keeps what it measured.
+        os.makedirs(os.path.dirname(args.csv) or ".", exist_ok=True)
+        with open(args.csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
 
     for mode in args.modes:
         leaves, target, sampler, negatives = make_case(args, device, dtype, mode == "shared")
@@ -265,29 +276,51 @@ def main() -> None:
         del leaves, negatives
 
     if not args.no_full_softmax:
-        leaves, target, sampler, negatives = make_case(args, device, dtype, False)
-        step = lambda negs: full_softmax(*leaves, target, sampler, negs)  # noqa: E731
-        times, extra = measure(step, leaves, negatives, device, 1, max(2, args.repeats // 2), memory)
-        record("-", "full_softmax", "full_softmax", times, extra)
-        del leaves
-    # Sampling: N * k draws, the alias table against torch.multinomial(replacement=True), and
-    # the table's construction (on the device).
+        # The [N, V] logits may not fit (N = 8192, V = 1e6 in float32 is 33 GB, twice over in
+        # backward): then measure at N/2, N/4, ... and scale up, time and memory being linear in N.
+        n = args.n
+        while True:
+            try:
+                case = make_case(argparse.Namespace(**{**vars(args), "n": n}), device, dtype, False)
+                leaves, target, sampler, negatives = case
+                step = lambda negs: full_softmax(*leaves, target, sampler, negs)  # noqa: E731
+                times, extra = measure(step, leaves, negatives, device, 1,
+                                       max(2, args.repeats // 2), memory)
+                break
+            except Exception as error:
+                case = leaves = step = None
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if not is_oom(error) or n <= 256:
+                    raise
+                n //= 2
+        note = ""
+        if n < args.n:
+            scale = args.n / n
+            times, extra = [t * scale for t in times], extra * scale
+            note = f"out of memory at N={args.n}: measured at N={n}, scaled x{scale:g}"
+        record("-", "full_softmax", "full_softmax", times, extra, note)
+        del case, leaves, step
+    # Sampling: --draws (N * k) draws, the alias table against
+    # torch.multinomial(replacement=True), and the table's construction (on the device).
     weights = fused_nce.log_uniform_weights(args.num_classes).to(device)
     sampler = fused_nce.AliasSampler(weights, device=device)
-    draws = args.n * args.k
+    draws = args.draws or args.n * args.k
     for provider, fn in [("fused", lambda: sampler.sample(draws)),
                          ("multinomial", lambda: torch.multinomial(sampler.probs, draws, replacement=True))]:
-        record("-", "sample", provider, time_call(fn, device, args.repeats), 0)
+        record("-", "sample", provider, time_call(fn, device, args.repeats), 0, f"{draws} draws")
+    build_classes = args.build_classes or args.num_classes
+    build_weights = fused_nce.log_uniform_weights(build_classes).to(device)
     record("-", "alias_build", "fused",
-           time_call(lambda: torch.ops.fused_nce.alias_build(weights), device, args.repeats), 0)
+           time_call(lambda: torch.ops.fused_nce.alias_build(build_weights), device, args.repeats),
+           0, f"V={build_classes}")
 
     print_summary(rows)
-    os.makedirs(os.path.dirname(args.csv) or ".", exist_ok=True)
-    with open(args.csv, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
     print(f"wrote {args.csv}")
+
+
+def is_oom(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
 def print_summary(rows) -> None:
@@ -322,17 +355,17 @@ def print_summary(rows) -> None:
                       f"{sparse['median_ms']:.2f} | {r['median_ms'] / sparse['median_ms']:.2f}x |")
     if full:
         print(f"\nfull softmax (F.cross_entropy on [N, V] logits): {full['median_ms']:.1f} ms, "
-              f"{full['extra_peak_mb']:.1f} MB extra")
+              f"{full['extra_peak_mb']:.1f} MB extra {full['note']}")
     sample = {r["provider"]: r for r in rows if r["objective"] == "sample"}
     if sample:
-        draws = rows[0]["n"] * rows[0]["k"]
+        draws = int(sample["fused"]["note"].split()[0])
         rate = {p: draws / r["median_ms"] / 1e6 for p, r in sample.items()}
         print(f"\nsampling {draws} draws, V={rows[0]['num_classes']}: alias {rate['fused']:.3f} G draws/s, "
               f"torch.multinomial {rate['multinomial']:.3f} G draws/s "
               f"({rate['fused'] / rate['multinomial']:.1f}x)")
     for r in rows:
         if r["objective"] == "alias_build":
-            print(f"alias table build, V={r['num_classes']}: {r['median_ms']:.2f} ms")
+            print(f"alias table build, {r['note']}: {r['median_ms']:.2f} ms")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 # One run on a GPU machine (Hopper, torch with CUDA, no network): build for sm_90, the CUDA tests,
 # compute-sanitizer over every path, the benchmark at the target shapes. Everything goes to OUTDIR
 # (logs, CSVs). Usage: bench/gpu/check.sh OUTDIR [quick]
+# Plot the side by side afterwards, where matplotlib is: bench/plot_side_by_side.py OUTDIR/side_by_side.csv
 set -uo pipefail
 out=${1:?usage: bench/gpu/check.sh OUTDIR [quick]}
 quick=${2:-}
@@ -46,9 +47,18 @@ fi
 log "benchmark: N=8192 D=1024 k=64 V=1e6 bfloat16 (per-example)"
 timeout 120 "$py" bench/bench_losses.py --n 8192 --dim 1024 --k 64 --num-classes 1000000 \
   --dtype bfloat16 --modes per_example --objectives nce --repeats 20 \
+  --draws 67108864 --build-classes 10000000 \
   --csv "$out/bench_per_example.csv" 2>&1 | tee "$out/bench_per_example.log" | tail -12
 log "benchmark: shared negatives k=1024"
 timeout 90 "$py" bench/bench_losses.py --n 8192 --dim 1024 --k 1024 --num-classes 1000000 \
   --dtype bfloat16 --modes shared --objectives nce sampled_softmax --repeats 20 \
   --no-full-softmax --csv "$out/bench_shared.csv" 2>&1 | tee "$out/bench_shared.log" | tail -10
+log "side by side: full-softmax libraries, V = 256k and 1e6"
+# Liger and Cut Cross-Entropy travel as wheels in the ignored .whl/ (no network there).
+site=$(mktemp -d)
+if ls .whl/*.whl > /dev/null 2>&1; then
+  "$py" -m pip install -q --no-index --no-deps --target "$site" .whl/*.whl > "$out/wheels.log" 2>&1
+fi
+PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" timeout 180 "$py" bench/bench_full_softmax_libs.py \
+  --csv "$out/side_by_side.csv" 2>&1 | tee "$out/side_by_side.log" | tail -16
 log "done"
