@@ -1,10 +1,12 @@
 // The differentiable loss op `sampled_loss`: autograd in C++ over the forward / backward ops, so a
 // training step pays for no Python autograd Function (its context, saved-tensor and GC bookkeeping
 // cost more than the kernels at small shapes). Every backend shares it; torch.compile traces
-// through it into the forward and backward ops and their fake kernels.
+// through it into the forward and backward ops and their fake kernels, so sizes are read as
+// SymInts (a plain size() would pin a dynamic batch size to the value traced first).
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -50,8 +52,9 @@ c10::TypedOperatorHandle<Sig> find_op(const char* name) {
 
 // A coalesced COO tensor of `size` whose only non-zero rows are `values` at the strictly ascending
 // `rows` (as the rows op returns them: checking the invariants again would cost a pass).
-at::Tensor rows_to_sparse(const at::Tensor& rows, const at::Tensor& values, at::IntArrayRef size) {
-  return at::_sparse_coo_tensor_unsafe(rows.unsqueeze(0), values, size,
+at::Tensor rows_to_sparse(const at::Tensor& rows, const at::Tensor& values,
+                          c10::SymIntArrayRef size) {
+  return at::_sparse_coo_tensor_unsafe_symint(rows.unsqueeze(0), values, size,
                                        values.options().layout(at::kSparse),
                                        /*is_coalesced=*/true);
 }
@@ -92,6 +95,28 @@ class SampledLoss : public torch::autograd::Function<SampledLoss> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list result;
+    {
+      at::AutoGradMode no_grad(false);
+      result = gradients(ctx, grads);
+    }
+    if (at::GradMode::is_enabled()) {
+      // Under create_graph: once differentiable. The gradients require grad (they depend on
+      // hidden and weight), and differentiating them again raises instead of giving zero.
+      for (auto& g : result) {
+        if (g.defined()) g = g.detach().requires_grad_();
+      }
+      result = torch::autograd::DelayedError(
+                   "fused_nce's sampled losses are once differentiable: their gradients cannot be "
+                   "differentiated again",
+                   static_cast<int64_t>(result.size()))
+                   .apply(std::move(result));
+    }
+    return result;
+  }
+
+ private:
+  static variable_list gradients(AutogradContext* ctx, const variable_list& grads) {
     static const auto backward_dense = find_op<BackwardSig>("fused_nce::sampled_loss_backward");
     static const auto backward_rows =
         find_op<BackwardRowsSig>("fused_nce::sampled_loss_backward_rows");
@@ -106,7 +131,8 @@ class SampledLoss : public torch::autograd::Function<SampledLoss> {
     // dloss/dloss_i for every example, [N] (the kernels read it densely).
     at::Tensor grad_loss = grads[0];
     if (reduction != kNone) {
-      grad_loss = (reduction == kMean ? grad_loss / count : grad_loss).expand({coef.size(0)})
+      grad_loss = (reduction == kMean ? grad_loss / count : grad_loss)
+                      .expand_as(coef.select(1, 0))
                       .contiguous();
     }
     const bool needs_hidden = ctx->needs_input_grad(0);
@@ -117,8 +143,8 @@ class SampledLoss : public torch::autograd::Function<SampledLoss> {
         auto [gh, rows, weight_rows, bias_rows] = backward_rows.call(
             grad_loss, coef, hidden, weight, has_bias, target, negatives, ignore_index);
         grad_hidden = gh;
-        grad_weight = rows_to_sparse(rows, weight_rows, weight.sizes());
-        if (has_bias) grad_bias = rows_to_sparse(rows, bias_rows, weight.sizes().slice(0, 1));
+        grad_weight = rows_to_sparse(rows, weight_rows, weight.sym_sizes());
+        if (has_bias) grad_bias = rows_to_sparse(rows, bias_rows, weight.sym_sizes().slice(0, 1));
       } else {
         std::tie(grad_hidden, grad_weight, grad_bias) = backward_dense.call(
             grad_loss, coef, hidden, weight, has_bias, target, negatives, ignore_index);

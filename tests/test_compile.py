@@ -109,3 +109,39 @@ def test_no_graph_break_for_every_way_to_give_negatives(objective):
                 + fused_nce.full_softmax_loss(hidden, weight, bias, target, chunk_size=16))
 
     no_graph_break(all_modes, p.hidden, p.weight, p.bias, p.target, p.negatives)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_dynamic_batch_size_backward_without_recompiling(device, reduction):
+    """dynamic=True through backward as well (the autograd in C++ reads sizes symbolically): one
+    graph for every batch size, and the gradients equal eager's."""
+    p = make_problem(n=30, dim=8, num_classes=40, device=device)
+    weight, bias = p.leaves()[1:]
+
+    def step(hidden, target, negatives):
+        loss = fused_nce.nce_loss(hidden, weight, bias, target, p.sampler, negatives=negatives,
+                                  reduction=reduction)
+        return loss if reduction != "none" else loss.sum()
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=True)
+    for n in [7, 19, 30]:
+        grads = []
+        for fn in (step, compiled):
+            hidden = p.hidden[:n].detach().clone().requires_grad_()
+            weight.grad = bias.grad = None
+            with torch._dynamo.config.patch(error_on_recompile=fn is compiled and n != 7):
+                fn(hidden, p.target[:n], p.negatives[:n]).backward()
+            grads.append([hidden.grad, weight.grad, bias.grad])
+        for actual, expected in zip(grads[1], grads[0]):
+            torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_double_backward_raises():
+    """Once differentiable: create_graph works, differentiating the gradients again raises."""
+    p = make_problem(n=10, dim=6, num_classes=20)
+    hidden, weight, bias = p.leaves()
+    loss = fused_nce.nce_loss(hidden, weight, bias, p.target, p.sampler, negatives=p.negatives)
+    (grad_hidden,) = torch.autograd.grad(loss, hidden, create_graph=True)
+    assert grad_hidden.requires_grad
+    with pytest.raises(RuntimeError, match="once differentiable"):
+        grad_hidden.sum().backward()

@@ -35,6 +35,8 @@ def _(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ne
 def _(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, negatives: Tensor,
       noise_probs: Optional[Tensor], log_z: Tensor, objective: int, remove_accidental_hits: bool,
       ignore_index: int, sparse_grad: bool, reduction: int) -> Tensor:
+    if reduction not in REDUCTIONS.values():
+        raise ValueError(f"unknown reduction {reduction}")
     shape = (hidden.shape[0],) if reduction == REDUCTIONS["none"] else ()
     return hidden.new_empty(shape, dtype=accumulation_dtype(hidden.dtype))
 

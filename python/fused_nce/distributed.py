@@ -207,14 +207,17 @@ def _sharded_loss(objective: str, hidden: Tensor, weight: Tensor, bias: Optional
         negs = fn._negatives(negatives, num_negatives, shared_negatives, sampler, target.shape,
                              device, generator)
         log_z_t = fn._log_z_tensor(log_z, device, accumulation_dtype(hidden.dtype))
+        # Converted here, where a bad value still reaches the agreement check as an error.
+        hits, ignore, sparse = bool(remove_accidental_hits), int(ignore_index), bool(sparse_grad)
         fields = [v, hidden.shape[-1], target.numel(), negs.shape[-1]]
     except (ValueError, TypeError) as caught:
         error = caught
     noise_probs = sampler.probs if (error is None and uses_noise and sampler is not None) else None
     loss = _sharded_apply(fields, error, pg, hidden, weight, bias, log_z_t if error is None else None,
                           target, negs if error is None else None, noise_probs,
-                          OBJECTIVES[objective], bool(remove_accidental_hits), int(ignore_index),
-                          bool(sparse_grad), start if error is None else 0)
+                          OBJECTIVES[objective], hits if error is None else False,
+                          ignore if error is None else 0, sparse if error is None else False,
+                          start if error is None else 0)
     return fn._reduce(loss, target, ignore_index, reduction)
 
 
