@@ -128,13 +128,10 @@ class SampledLoss : public torch::autograd::Function<SampledLoss> {
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     const int64_t ignore_index = ctx->saved_data["ignore_index"].toInt();
     const int64_t reduction = ctx->saved_data["reduction"].toInt();
-    // dloss/dloss_i for every example, [N] (the kernels read it densely).
+    // dloss/dloss_i: [N], or under a reduction one scalar for every example (the backward ops
+    // take either).
     at::Tensor grad_loss = grads[0];
-    if (reduction != kNone) {
-      grad_loss = (reduction == kMean ? grad_loss / count : grad_loss)
-                      .expand_as(coef.select(1, 0))
-                      .contiguous();
-    }
+    if (reduction == kMean) grad_loss = grad_loss / count;
     const bool needs_hidden = ctx->needs_input_grad(0);
     const bool needs_weight = ctx->needs_input_grad(1) || (has_bias && ctx->needs_input_grad(2));
     at::Tensor grad_hidden, grad_weight, grad_bias, grad_log_z;
@@ -158,7 +155,7 @@ class SampledLoss : public torch::autograd::Function<SampledLoss> {
     if (ctx->saved_data["objective"].toInt() == 0 &&
         ctx->needs_input_grad(ctx->saved_data["log_z_input"].toInt())) {
       // NCE's d = s - log_z - log(k q): dloss/dlog_z = -sum_j dloss/ds_j.
-      grad_log_z = -(grad_loss.unsqueeze(1) * coef).sum();
+      grad_log_z = -((grad_loss.dim() == 0 ? grad_loss : grad_loss.unsqueeze(1)) * coef).sum();
     }
     return {grad_hidden, grad_weight, grad_bias, at::Tensor(), at::Tensor(), at::Tensor(),
             grad_log_z, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};

@@ -14,7 +14,8 @@ TORCH_LIBRARY(fused_nce, m) {
       "sampled_loss(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, Tensor negatives, "
       "Tensor? noise_probs, Tensor log_z, int objective, bool remove_accidental_hits, "
       "int ignore_index, bool sparse_grad, int reduction) -> Tensor");
-  // grad_hidden by a second gather; grad_weight / grad_bias into the touched rows only.
+  // grad_hidden by a second gather; grad_weight / grad_bias into the touched rows only. In every
+  // backward op grad_loss is [N], or a scalar that stands for the same value for every example.
   m.def(
       "sampled_loss_backward(Tensor grad_loss, Tensor coef, Tensor hidden, Tensor weight, "
       "bool has_bias, Tensor target, Tensor negatives, int ignore_index) -> (Tensor, Tensor, Tensor)");

@@ -179,6 +179,13 @@ def test_opcheck(device):
                               (grad_loss, coef, p.hidden, p.weight, True, p.target, p.negatives, -100))
         torch.library.opcheck(ops.sampled_loss_backward_hidden.default,
                               (grad_loss, coef, p.hidden, p.weight, p.target, p.negatives, -100))
+        # A scalar grad_loss (a reduced loss's) stands for the same value for every example.
+        scalar = torch.tensor(0.3, device=device)
+        for op in (ops.sampled_loss_backward, ops.sampled_loss_backward_rows):
+            args = (coef, p.hidden, p.weight, True, p.target, p.negatives, -100)
+            torch.library.opcheck(op.default, (scalar, *args))
+            for got, expected in zip(op(scalar, *args), op(scalar.expand(11).contiguous(), *args)):
+                torch.testing.assert_close(got, expected, rtol=0, atol=0)
     torch.library.opcheck(ops.alias_build.default, (torch.rand(17, dtype=torch.float64),))
     table = fused_nce.AliasSampler(torch.rand(17), device=device).table
     # A fresh generator per call makes the random op's output comparable across opcheck's runs.

@@ -376,8 +376,9 @@ Gradients backward_cpu(const at::Tensor& grad_loss, const at::Tensor& coef,
   check_inputs(hidden, weight, std::nullopt, target, negatives, ignore_index);
   const int64_t n_examples = hidden.size(0), dim = hidden.size(1), k = negatives.size(-1);
   const int64_t num_rows = weight.size(0);
-  TORCH_CHECK_VALUE(grad_loss.dim() == 1 && grad_loss.size(0) == n_examples,
-                    "grad_loss must be [N]");
+  TORCH_CHECK_VALUE((grad_loss.dim() == 1 && grad_loss.size(0) == n_examples) ||
+                        grad_loss.dim() == 0,
+                    "grad_loss must be [N] or a scalar (the same for every example)");
   TORCH_CHECK_VALUE(coef.dim() == 2 && coef.size(0) == n_examples && coef.size(1) == 1 + k,
                     "coef must be [N, 1 + k]");
   const auto acc_dtype = hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -386,7 +387,8 @@ Gradients backward_cpu(const at::Tensor& grad_loss, const at::Tensor& coef,
   const auto tgt = target.contiguous();
   const auto neg = negatives.contiguous();
   // Per-entry coefficients grad_loss[i] * dloss_i/ds_ij, [N, 1 + k].
-  const auto scaled = (coef.to(acc_dtype) * grad_loss.to(acc_dtype).unsqueeze(1)).contiguous();
+  const auto g = grad_loss.to(acc_dtype);
+  const auto scaled = (coef.to(acc_dtype) * (g.dim() == 0 ? g : g.unsqueeze(1))).contiguous();
   const bool shared = neg.dim() == 1;
   auto grad_hidden = at::empty({n_examples, dim}, h.options());
   at::Tensor rows, grad_weight, grad_bias;

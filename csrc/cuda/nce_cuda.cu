@@ -426,7 +426,8 @@ Gradients backward_cuda(const at::Tensor& grad_loss, const at::Tensor& coef,
   }
   const int64_t n = hidden.size(0), dim = hidden.size(1), k = negatives.size(-1);
   const int64_t num_classes = weight.size(0);
-  TORCH_CHECK_VALUE(grad_loss.dim() == 1 && grad_loss.size(0) == n, "grad_loss must be [N]");
+  TORCH_CHECK_VALUE((grad_loss.dim() == 1 && grad_loss.size(0) == n) || grad_loss.dim() == 0,
+                    "grad_loss must be [N] or a scalar (the same for every example)");
   TORCH_CHECK_VALUE(coef.dim() == 2 && coef.size(0) == n && coef.size(1) == 1 + k,
                     "coef must be [N, 1 + k]");
   const c10::cuda::CUDAGuard guard(hidden.device());
@@ -442,7 +443,7 @@ Gradients backward_cuda(const at::Tensor& grad_loss, const at::Tensor& coef,
   const auto neg = negatives.contiguous();
   // The kernels scale coef[i, :] by grad_loss[i] as they read it: no [N, 1 + k] temporary.
   const auto cf = coef.to(acc_dtype).contiguous();
-  const auto gl = grad_loss.to(acc_dtype).contiguous();
+  const auto gl = grad_loss.to(acc_dtype).expand({n}).contiguous();
   const bool shared = neg.dim() == 1;
   const bool atomic = mode == WeightGrad::kDense && !shared &&
                       !at::globalContext().deterministicAlgorithms() &&
