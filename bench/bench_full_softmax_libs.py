@@ -28,14 +28,13 @@ import math
 import os
 import platform
 import statistics
-import time
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 import fused_nce
-from bench_losses import DTYPES, PeakMemory
+from bench_losses import DTYPES, PeakMemory, is_oom, time_call
 
 Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -70,33 +69,14 @@ def library_steps(k: int, k_shared: int, sampler: fused_nce.AliasSampler) -> Dic
     return steps
 
 
-def is_oom(error: BaseException) -> bool:
-    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
-
-
 def measure(step: Step, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
             repeats: int, memory: PeakMemory) -> Tuple[List[float], float]:
     """Milliseconds per forward + backward, and the extra peak bytes of one step."""
-    device = hidden.device
-
     def run() -> None:
         hidden.grad = weight.grad = None
         step(hidden, weight, target).backward()
 
-    run()  # warm-up (and compilation, for the libraries that compile)
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            run()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            run()
-            times.append((time.perf_counter() - t0) * 1e3)
+    times = time_call(run, hidden.device, repeats)  # after a warm-up (compilation, for some libraries)
     hidden.grad = weight.grad = None
     memory.start()
     run()

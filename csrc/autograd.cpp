@@ -62,6 +62,17 @@ at::Tensor rows_to_sparse(const at::Tensor& rows, const at::Tensor& values,
 // Reductions of the `reduction` argument; python/fused_nce/_ops.py mirrors them.
 enum Reduction : int64_t { kNone = 0, kSum = 1, kMean = 2 };
 
+// The per-example loss reduced; the mean divides by the number of examples not ignored, a tensor
+// (never read on the host), returned in `count` for the backward.
+at::Tensor reduce(const at::Tensor& loss, const at::Tensor& target, int64_t ignore_index,
+                  int64_t reduction, at::Tensor* count) {
+  TORCH_CHECK_VALUE(reduction >= kNone && reduction <= kMean, "unknown reduction ", reduction);
+  if (reduction == kNone) return loss;
+  if (reduction == kSum) return loss.sum();
+  *count = target.ne(ignore_index).sum().clamp_min(1);
+  return loss.sum() / *count;
+}
+
 // The loss reduced by `reduction` (kMean: over the examples not ignored); differentiable in hidden,
 // weight, bias and log_z. With sparse_grad the gradients of weight and bias are coalesced sparse
 // COO tensors holding only the touched rows.
@@ -78,9 +89,8 @@ class SampledLoss : public torch::autograd::Function<SampledLoss> {
                                      objective, remove_accidental_hits, ignore_index);
     const bool has_bias = bias.has_value() && bias->defined();
     const bool has_noise = noise_probs.has_value() && noise_probs->defined();
-    // The mean divides by the number of examples not ignored, a tensor: never read on the host.
     at::Tensor count;
-    if (reduction == kMean) count = target.ne(ignore_index).sum().clamp_min(1);
+    const at::Tensor reduced = reduce(loss, target, ignore_index, reduction, &count);
     ctx->save_for_backward({hidden, weight, target, negatives, coef, count});
     ctx->saved_data["has_bias"] = has_bias;
     // needs_input_grad counts the tensor inputs present: hidden, weight, [bias], target,
@@ -90,8 +100,7 @@ class SampledLoss : public torch::autograd::Function<SampledLoss> {
     ctx->saved_data["ignore_index"] = ignore_index;
     ctx->saved_data["sparse_grad"] = sparse_grad;
     ctx->saved_data["reduction"] = reduction;
-    if (reduction == kNone) return loss;
-    return reduction == kSum ? loss.sum() : loss.sum() / count;
+    return reduced;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -168,7 +177,6 @@ at::Tensor sampled_loss_autograd(const at::Tensor& hidden, const at::Tensor& wei
                                  const at::Tensor& log_z, int64_t objective,
                                  bool remove_accidental_hits, int64_t ignore_index,
                                  bool sparse_grad, int64_t reduction) {
-  TORCH_CHECK_VALUE(reduction >= kNone && reduction <= kMean, "unknown reduction ", reduction);
   return SampledLoss::apply(hidden, weight, bias, target, negatives, noise_probs, log_z, objective,
                             remove_accidental_hits, ignore_index, sparse_grad, reduction);
 }
@@ -180,12 +188,10 @@ at::Tensor sampled_loss_forward_only(const at::Tensor& hidden, const at::Tensor&
                                      const at::Tensor& log_z, int64_t objective,
                                      bool remove_accidental_hits, int64_t ignore_index,
                                      bool sparse_grad, int64_t reduction) {
-  TORCH_CHECK_VALUE(reduction >= kNone && reduction <= kMean, "unknown reduction ", reduction);
-  auto loss = std::get<0>(call_forward(hidden, weight, bias, target, negatives, noise_probs,
-                                       log_z, objective, remove_accidental_hits, ignore_index));
-  if (reduction == kNone) return loss;
-  if (reduction == kSum) return loss.sum();
-  return loss.sum() / target.ne(ignore_index).sum().clamp_min(1);
+  at::Tensor count;
+  return reduce(std::get<0>(call_forward(hidden, weight, bias, target, negatives, noise_probs,
+                                         log_z, objective, remove_accidental_hits, ignore_index)),
+                target, ignore_index, reduction, &count);
 }
 
 }  // namespace
