@@ -481,6 +481,7 @@ Gradients backward_cpu(const at::Tensor& grad_loss, const at::Tensor& coef,
         if (out_row[r] >= 0) rp[out_row[r]] = r;
       }
       grad_weight = at::empty({num_touched, dim}, w.options());
+      advise_huge_pages(grad_weight);
       grad_bias = at::empty({has_bias ? num_touched : 0}, w.options());
     } else {
       rows = at::empty({0}, tgt.options());
