@@ -11,6 +11,11 @@ export PYTHONUNBUFFERED=1 CUBLAS_WORKSPACE_CONFIG=:4096:8
 py=${PYTHON:-python3}
 cd "$(dirname "$0")/../.."
 log() { echo "== $(date -u +%T) $*" | tee -a "$out/check.log"; }
+# The whole run stays inside BUDGET seconds (default 8 minutes): each step gets its own limit or
+# what is left, whichever is less, so a slow step cuts the later ones short instead of the machine
+# cutting the run off (every step writes its results as it goes).
+deadline=$((SECONDS + ${BUDGET:-480}))
+limit() { local left=$((deadline - SECONDS)); echo $(( $1 < left ? $1 : (left > 10 ? left : 10) )); }
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   "$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; } \
@@ -26,31 +31,31 @@ fi
 "$py" -c "import torch, fused_nce; torch.ops.fused_nce.sampled_loss_forward.default" || exit 1
 
 log "CUDA tests (stop at the first failure)"
-timeout 240 "$py" -m pytest -x -q -p no:cacheprovider tests/test_cuda.py tests/test_cuda_graphs.py \
+timeout "$(limit 240)" "$py" -m pytest -x -q -p no:cacheprovider tests/test_cuda.py tests/test_cuda_graphs.py \
   tests/test_inputs.py tests/test_sparse.py -k "cuda" 2>&1 | tee "$out/tests.log" | tail -30
 tests_rc=${PIPESTATUS[0]}
 log "tests rc=$tests_rc"
 
 log "compute-sanitizer memcheck"
-timeout 150 compute-sanitizer --tool memcheck --error-exitcode 9 \
+timeout "$(limit 150)" compute-sanitizer --tool memcheck --error-exitcode 9 \
   "$py" bench/gpu/sanitize_driver.py > "$out/memcheck.log" 2>&1
 log "memcheck rc=$? ($(grep -c 'Invalid\|ERROR' "$out/memcheck.log") error lines)"
 tail -3 "$out/memcheck.log"
 if [ -z "$quick" ]; then
   log "compute-sanitizer racecheck"
-  timeout 150 compute-sanitizer --tool racecheck --error-exitcode 9 \
+  timeout "$(limit 150)" compute-sanitizer --tool racecheck --error-exitcode 9 \
     "$py" bench/gpu/sanitize_driver.py > "$out/racecheck.log" 2>&1
   log "racecheck rc=$? ($(grep -c 'hazard' "$out/racecheck.log") hazard lines)"
   tail -3 "$out/racecheck.log"
 fi
 
 log "benchmark: N=8192 D=1024 k=64 V=1e6 bfloat16 (per-example)"
-timeout 120 "$py" bench/bench_losses.py --n 8192 --dim 1024 --k 64 --num-classes 1000000 \
+timeout "$(limit 120)" "$py" bench/bench_losses.py --n 8192 --dim 1024 --k 64 --num-classes 1000000 \
   --dtype bfloat16 --modes per_example --objectives nce --repeats 20 \
   --draws 67108864 --build-classes 10000000 \
   --csv "$out/bench_per_example.csv" 2>&1 | tee "$out/bench_per_example.log" | tail -12
 log "benchmark: shared negatives k=1024"
-timeout 90 "$py" bench/bench_losses.py --n 8192 --dim 1024 --k 1024 --num-classes 1000000 \
+timeout "$(limit 90)" "$py" bench/bench_losses.py --n 8192 --dim 1024 --k 1024 --num-classes 1000000 \
   --dtype bfloat16 --modes shared --objectives nce sampled_softmax --repeats 20 \
   --no-full-softmax --csv "$out/bench_shared.csv" 2>&1 | tee "$out/bench_shared.log" | tail -10
 log "side by side: full-softmax libraries, V = 256k and 1e6"
@@ -59,6 +64,6 @@ site=$(mktemp -d)
 if ls .whl/*.whl > /dev/null 2>&1; then
   "$py" -m pip install -q --no-index --no-deps --target "$site" .whl/*.whl > "$out/wheels.log" 2>&1
 fi
-PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" timeout 180 "$py" bench/bench_full_softmax_libs.py \
+PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" timeout "$(limit 180)" "$py" bench/bench_full_softmax_libs.py \
   --csv "$out/side_by_side.csv" 2>&1 | tee "$out/side_by_side.log" | tail -16
 log "done"
