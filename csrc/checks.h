@@ -43,6 +43,21 @@ inline void check_loss_args(const at::Tensor& weight, const std::optional<at::Te
   TORCH_CHECK_VALUE(log_z.numel() == 1, "log_z must be a scalar");
 }
 
+// The CPU backends' host check of class indices, before any kernel reads memory through one:
+// each in [0, num_classes) (`bound` says what that is), or ignore_index where allowed. It reads
+// the values in logical order, whatever the tensor's strides.
+inline void check_class_indices(const at::Tensor& indices, int64_t num_classes, const char* name,
+                                bool has_ignore_index, int64_t ignore_index, const char* bound) {
+  const auto values = indices.contiguous();
+  const int64_t* p = values.const_data_ptr<int64_t>();
+  for (int64_t e = 0, n = values.numel(); e < n; ++e) {
+    const int64_t v = p[e];
+    TORCH_CHECK_VALUE((v >= 0 && v < num_classes) || (has_ignore_index && v == ignore_index),
+                      name, " holds the class index ", v, ", outside [0, ", num_classes, ") (",
+                      bound, ")");
+  }
+}
+
 // Rows with unit stride along D are read in place (a sliced or offset weight is never copied);
 // anything else is made contiguous. Every backend reads rows at `row * stride(0)`.
 inline at::Tensor rows_of(const at::Tensor& t) {

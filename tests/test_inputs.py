@@ -22,6 +22,12 @@ BAD_INPUTS = [
     (dict(target=torch.tensor([0, 1, -1, 3, 4, 5])), ValueError, "target"),
     (dict(target=torch.zeros(N, dtype=torch.float32)), TypeError, "target"),
     (dict(target=torch.zeros(N + 1, dtype=torch.int64)), ValueError, "target"),
+    # Strided views whose storage holds only valid indices where the view does not look: the
+    # check must read the view's own values.
+    (dict(target=torch.tensor([0, 0, 1, 0, 2, 0, 3, 0, 4, 0, V * 1000, 0])[::2]), ValueError,
+     "target"),
+    (dict(negatives=torch.tensor([[0] * 6] * (N - 1) + [[0, 0, 0, 0, V * 1000, 0]]).t()[::2].t(),
+          num_negatives=None), ValueError, "negatives"),
     (dict(negatives=torch.full((N, 3), V), num_negatives=None), ValueError, "negatives"),
     (dict(negatives=torch.full((N, 3), -2), num_negatives=None), ValueError, "negatives"),
     (dict(negatives=torch.full((3,), V), num_negatives=None), ValueError, "negatives"),

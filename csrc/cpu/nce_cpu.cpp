@@ -156,24 +156,14 @@ int64_t grain_for(int64_t work_per_item) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work_per_item));
 }
 
-void check_indices(const at::Tensor& indices, int64_t num_classes, const char* name,
-                   bool has_ignore_index, int64_t ignore_index) {
-  const int64_t* p = indices.data_ptr<int64_t>();
-  for (int64_t e = 0, n = indices.numel(); e < n; ++e) {
-    const int64_t v = p[e];
-    TORCH_CHECK_VALUE((v >= 0 && v < num_classes) || (has_ignore_index && v == ignore_index),
-                      name, " holds the class index ", v, ", outside [0, ", num_classes,
-                      ") (the number of rows of weight)");
-  }
-}
-
 // Shapes and dtypes (checks.h), then index ranges, before any kernel reads memory through an index.
 void check_inputs(const at::Tensor& hidden, const at::Tensor& weight,
                   const std::optional<at::Tensor>& bias, const at::Tensor& target,
                   const at::Tensor& negatives, int64_t ignore_index) {
   check_shapes(hidden, weight, bias, target, negatives);
-  check_indices(target, weight.size(0), "target", true, ignore_index);
-  check_indices(negatives, weight.size(0), "negatives", false, 0);
+  constexpr const char* kBound = "the number of rows of weight";
+  check_class_indices(target, weight.size(0), "target", true, ignore_index, kBound);
+  check_class_indices(negatives, weight.size(0), "negatives", false, 0, kBound);
 }
 
 // A fresh [V, D] gradient is hundreds of MB of untouched pages: at 4 KiB a page, first-touch page

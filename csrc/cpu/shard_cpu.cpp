@@ -21,17 +21,6 @@ namespace {
 template <typename scalar_t>
 using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
-void check_global_indices(const at::Tensor& indices, int64_t num_classes, const char* name,
-                          bool has_ignore_index, int64_t ignore_index) {
-  const int64_t* p = indices.const_data_ptr<int64_t>();
-  for (int64_t e = 0, n = indices.numel(); e < n; ++e) {
-    const int64_t v = p[e];
-    TORCH_CHECK_VALUE((v >= 0 && v < num_classes) || (has_ignore_index && v == ignore_index),
-                      name, " holds the class index ", v, ", outside [0, ", num_classes,
-                      ") (num_classes, over all shards)");
-  }
-}
-
 // A pragma cannot sit inside the dispatch macro's argument: the dot product lives out here.
 template <typename acc_t, typename scalar_t>
 inline acc_t row_dot(const acc_t* a, const scalar_t* b, int64_t n) {
@@ -54,8 +43,9 @@ std::tuple<at::Tensor, at::Tensor> shard_loss_forward_cpu(
   check_shard_noise(noise_probs, log_z, objective, num_classes);
   const auto tgt = target.contiguous();
   const auto neg = negatives.contiguous();
-  check_global_indices(tgt, num_classes, "target", true, ignore_index);
-  check_global_indices(neg, num_classes, "negatives", false, 0);
+  constexpr const char* kBound = "num_classes, over all shards";
+  check_class_indices(tgt, num_classes, "target", true, ignore_index, kBound);
+  check_class_indices(neg, num_classes, "negatives", false, 0, kBound);
   const bool uses_noise = objective != kNegativeSampling;
   const bool softmax = objective == kSampledSoftmax;
 
