@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
 #include <optional>
@@ -62,6 +63,35 @@ inline void check_class_indices(const at::Tensor& indices, int64_t num_classes, 
 // anything else is made contiguous. Every backend reads rows at `row * stride(0)`.
 inline at::Tensor rows_of(const at::Tensor& t) {
   return (t.dim() == 2 && (t.stride(1) == 1 || t.size(1) <= 1)) ? t : t.contiguous();
+}
+
+// A loss forward's inputs as every backend reads them (rows in place, indices and bias contiguous,
+// the noise probabilities as float32 on hidden's device; b and q undefined when absent or unused)
+// and its outputs, allocated in the accumulation dtype (float64 for float64, float32 otherwise):
+// one value per example [N] (the loss, or a shard's statistic) and the coefficients [N, 1 + k].
+struct ForwardInputs {
+  at::Tensor h, w, b, tgt, neg, q;
+  at::ScalarType acc_dtype;
+  at::Tensor values, coef;
+};
+
+inline ForwardInputs prepare_forward(const at::Tensor& hidden, const at::Tensor& weight,
+                                     const std::optional<at::Tensor>& bias,
+                                     const at::Tensor& target, const at::Tensor& negatives,
+                                     const std::optional<at::Tensor>& noise_probs,
+                                     bool uses_noise) {
+  ForwardInputs in;
+  in.h = rows_of(hidden);
+  in.w = rows_of(weight);
+  in.b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  in.tgt = target.contiguous();
+  in.neg = negatives.contiguous();
+  in.q = uses_noise ? noise_probs->to(in.h.device(), at::kFloat).contiguous() : at::Tensor();
+  in.acc_dtype = in.h.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t n = in.h.size(0), k = in.neg.size(-1);
+  in.values = at::empty({n}, in.h.options().dtype(in.acc_dtype));
+  in.coef = at::empty({n, 1 + k}, in.h.options().dtype(in.acc_dtype));
+  return in;
 }
 
 }  // namespace fused_nce

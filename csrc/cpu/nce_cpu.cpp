@@ -254,17 +254,13 @@ std::tuple<at::Tensor, at::Tensor> sampled_loss_forward_cpu(
   check_loss_args(weight, noise_probs, log_z, objective);
   const bool uses_noise = objective != kNegativeSampling;
 
-  const auto h = rows_of(hidden);
-  const auto w = rows_of(weight);
-  const auto b = bias.has_value() ? bias->contiguous() : at::Tensor();
-  const auto tgt = target.contiguous();
-  const auto neg = negatives.contiguous();
-  const auto q = uses_noise ? noise_probs->to(at::kFloat).contiguous() : at::Tensor();
+  const ForwardInputs in = prepare_forward(hidden, weight, bias, target, negatives, noise_probs,
+                                           uses_noise);
+  const at::Tensor &h = in.h, &w = in.w, &b = in.b, &tgt = in.tgt, &neg = in.neg, &q = in.q;
+  const at::ScalarType acc_dtype = in.acc_dtype;
+  const at::Tensor &loss = in.values, &coef = in.coef;
   const int64_t n_examples = h.size(0), dim = h.size(1), k = neg.size(-1);
   const bool shared = neg.dim() == 1;
-  const auto acc_dtype = h.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto loss = at::empty({n_examples}, h.options().dtype(acc_dtype));
-  auto coef = at::empty({n_examples, 1 + k}, h.options().dtype(acc_dtype));
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(),
                                   "sampled_loss_forward_cpu", [&] {

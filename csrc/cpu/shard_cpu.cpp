@@ -41,23 +41,17 @@ std::tuple<at::Tensor, at::Tensor> shard_loss_forward_cpu(
   check_shapes(hidden, weight, bias, target, negatives);
   check_shard(weight, row_start, num_classes);
   check_shard_noise(noise_probs, log_z, objective, num_classes);
-  const auto tgt = target.contiguous();
-  const auto neg = negatives.contiguous();
+  const bool uses_noise = objective != kNegativeSampling;
+  const bool softmax = objective == kSampledSoftmax;
+  const ForwardInputs in = prepare_forward(hidden, weight, bias, target, negatives, noise_probs,
+                                           uses_noise);
+  const at::Tensor &h = in.h, &w = in.w, &b = in.b, &tgt = in.tgt, &neg = in.neg, &q = in.q;
+  const at::Tensor &stat = in.values, &coef = in.coef;
   constexpr const char* kBound = "num_classes, over all shards";
   check_class_indices(tgt, num_classes, "target", true, ignore_index, kBound);
   check_class_indices(neg, num_classes, "negatives", false, 0, kBound);
-  const bool uses_noise = objective != kNegativeSampling;
-  const bool softmax = objective == kSampledSoftmax;
-
-  const auto h = rows_of(hidden);
-  const auto w = rows_of(weight);
-  const auto b = bias.has_value() ? bias->contiguous() : at::Tensor();
-  const auto q = uses_noise ? noise_probs->to(at::kFloat).contiguous() : at::Tensor();
   const int64_t n_examples = h.size(0), dim = h.size(1), k = neg.size(-1), rows = w.size(0);
   const bool shared = neg.dim() == 1;
-  const auto acc_dtype = h.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto stat = at::empty({n_examples}, h.options().dtype(acc_dtype));
-  auto coef = at::empty({n_examples, 1 + k}, h.options().dtype(acc_dtype));
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(),
                                   "shard_loss_forward_cpu", [&] {

@@ -333,17 +333,13 @@ std::tuple<at::Tensor, at::Tensor> sampled_loss_forward_cuda(
   const c10::cuda::CUDAGuard guard(hidden.device());
   const bool uses_noise = objective != kNegativeSampling;
 
-  const auto h = rows_of(hidden);
-  const auto w = rows_of(weight);
-  const auto b = bias.has_value() ? bias->contiguous() : at::Tensor();
-  const auto tgt = target.contiguous();
-  const auto neg = negatives.contiguous();
-  const auto q = uses_noise ? noise_probs->to(h.device(), at::kFloat).contiguous() : at::Tensor();
+  const ForwardInputs in = prepare_forward(hidden, weight, bias, target, negatives, noise_probs,
+                                           uses_noise);
+  const at::Tensor &h = in.h, &w = in.w, &b = in.b, &tgt = in.tgt, &neg = in.neg, &q = in.q;
+  const at::ScalarType acc_dtype = in.acc_dtype;
+  const at::Tensor &loss = in.values, &coef = in.coef;
   const int64_t n = h.size(0), k = neg.size(-1);
-  const auto acc_dtype = h.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto lz = log_z.to(h.device(), acc_dtype).reshape({1}).contiguous();
-  auto loss = at::empty({n}, h.options().dtype(acc_dtype));
-  auto coef = at::empty({n, 1 + k}, h.options().dtype(acc_dtype));
   if (n == 0) return {loss, coef};
 
   // Shared negatives: one [N, D] x [D, k] GEMM gives every negative's <h_i, W[n_j]>.
