@@ -14,14 +14,9 @@
 
 #include "../fused_nce.h"
 #include "../in_batch_math.h"
+#include "rows.h"
 
 namespace fused_nce {
-namespace {
-
-template <typename scalar_t>
-using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-
-}  // namespace
 
 void check_in_batch_inputs(const at::Tensor& query, const at::Tensor& columns,
                            const std::optional<at::Tensor>& log_q, const at::Tensor& column_ids,

@@ -18,12 +18,9 @@
 #include "../fused_nce.h"
 #include "../nce_math.h"
 #include "clones.h"
+#include "rows.h"
 
 namespace fused_nce {
-namespace {
-
-template <typename scalar_t>
-using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
 // float32 rows, the common case, get AVX2 / FMA code where the CPU has it (picked once, when the
 // library loads); everything else the baseline's. A pragma-vectorized loop either way.
@@ -33,6 +30,8 @@ FUSED_NCE_CLONES float dot_f32(const float* a, const float* b, int64_t n) {
   for (int64_t d = 0; d < n; ++d) sum += a[d] * b[d];
   return sum;
 }
+
+namespace {
 
 FUSED_NCE_CLONES void axpy_f32(float alpha, const float* x, float* y, int64_t n) {
 #pragma omp simd
@@ -68,18 +67,6 @@ FUSED_NCE_CLONES void dots_f32(const float* h, const float* w, int64_t stride,
 #pragma omp simd reduction(+ : sum)
     for (int64_t d = 0; d < n; ++d) sum += h[d] * wj[d];
     out[j] = sum;
-  }
-}
-
-template <typename acc_t, typename scalar_t>
-inline acc_t dot(const acc_t* a, const scalar_t* b, int64_t n) {
-  if constexpr (std::is_same_v<acc_t, float> && std::is_same_v<scalar_t, float>) {
-    return dot_f32(a, b, n);
-  } else {
-    acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t d = 0; d < n; ++d) sum += a[d] * static_cast<acc_t>(b[d]);
-    return sum;
   }
 }
 
@@ -123,12 +110,6 @@ void axpy_rows(const scalar_t* base, int64_t stride, const int64_t* rows, const 
   } else {
     for (int64_t j = 0; j < count; ++j) axpy(coefs[j], base + rows[j] * stride, y, n);
   }
-}
-
-template <typename acc_t, typename scalar_t>
-inline void load_row(const scalar_t* x, acc_t* y, int64_t n) {
-#pragma omp simd
-  for (int64_t d = 0; d < n; ++d) y[d] = static_cast<acc_t>(x[d]);
 }
 
 template <typename acc_t, typename scalar_t>

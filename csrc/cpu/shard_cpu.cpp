@@ -14,23 +14,9 @@
 #include "../fused_nce.h"
 #include "../nce_math.h"
 #include "../shard.h"
+#include "rows.h"
 
 namespace fused_nce {
-namespace {
-
-template <typename scalar_t>
-using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-
-// A pragma cannot sit inside the dispatch macro's argument: the dot product lives out here.
-template <typename acc_t, typename scalar_t>
-inline acc_t row_dot(const acc_t* a, const scalar_t* b, int64_t n) {
-  acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t d = 0; d < n; ++d) sum += a[d] * static_cast<acc_t>(b[d]);
-  return sum;
-}
-
-}  // namespace
 
 std::tuple<at::Tensor, at::Tensor> shard_loss_forward_cpu(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -84,7 +70,7 @@ std::tuple<at::Tensor, at::Tensor> shard_loss_forward_cpu(
           std::fill(s, s + 1 + k, absent);
           continue;
         }
-        for (int64_t d = 0; d < dim; ++d) h_row[d] = static_cast<acc_t>(hp[i * h_stride + d]);
+        load_row(hp + i * h_stride, h_row.data(), dim);
         const int64_t* negs = shared ? np : np + i * k;
         acc_t partial = softmax ? kNegInf : acc_t(0);
         for (int64_t j = 0; j <= k; ++j) {
@@ -96,7 +82,7 @@ std::tuple<at::Tensor, at::Tensor> shard_loss_forward_cpu(
           }
           const int64_t r = c - row_start;
           const scalar_t* w_row = wp + r * w_stride;
-          const acc_t score = row_dot(h_row.data(), w_row, dim) + (bp ? static_cast<acc_t>(bp[r]) : acc_t(0));
+          const acc_t score = dot(h_row.data(), w_row, dim) + (bp ? static_cast<acc_t>(bp[r]) : acc_t(0));
           const acc_t log_q = uses_noise ? log_noise_prob<acc_t>(qp[c]) : acc_t(0);
           if (softmax) {
             s[j] = score - log_q;
