@@ -189,8 +189,6 @@ def _sharded_loss(objective: str, hidden: Tensor, weight: Tensor, bias: Optional
     weight, bias, group = _local_shard(weight, bias, group)  # type: ignore[assignment]
     pg = resolve_group(group)
     rank, size = dist.get_rank(pg), dist.get_world_size(pg)
-    error: Optional[BaseException] = None
-    fields = [0] * 4
     try:
         v = _num_classes(noise, num_classes)
         start, end = _range(v, rank, size)
@@ -211,41 +209,42 @@ def _sharded_loss(objective: str, hidden: Tensor, weight: Tensor, bias: Optional
         hits, ignore, sparse = bool(remove_accidental_hits), int(ignore_index), bool(sparse_grad)
         fields = [v, hidden.shape[-1], target.numel(), negs.shape[-1]]
     except (ValueError, TypeError) as caught:
-        error = caught
-    noise_probs = sampler.probs if (error is None and uses_noise and sampler is not None) else None
-    loss = _sharded_apply(fields, error, pg, hidden, weight, bias, log_z_t if error is None else None,
-                          target, negs if error is None else None, noise_probs,
-                          OBJECTIVES[objective], hits if error is None else False,
-                          ignore if error is None else 0, sparse if error is None else False,
-                          start if error is None else 0)
+        # The rank still joins the agreement all-gather, which raises on every rank.
+        agree([0] * len(_LOSS_FIELDS), caught, pg, _LOSS_FIELDS, like=_tensor_or_none(hidden))
+    noise_probs = sampler.probs if uses_noise and sampler is not None else None
+    loss = _sharded_apply(fields, pg, hidden, weight, bias, log_z_t, target, negs, noise_probs,
+                          OBJECTIVES[objective], hits, ignore, sparse, start)
     return fn._reduce(loss, target, ignore_index, reduction)
 
 
+# What the ranks of a vocab-parallel loss must agree on (_sharded_apply's fields, in order).
+_LOSS_FIELDS = ["num_classes (V)", "hidden's last dim (D)", "the number of examples (N)",
+                "the number of negatives (k)", "target",
+                "negatives (seed every rank's generator alike)"]
+_FULL_SOFTMAX_FIELDS = ["num_classes (V)", "hidden's last dim (D)", "the number of examples (N)",
+                        "target"]
+
+
+def _tensor_or_none(value: object) -> Optional[Tensor]:
+    return value if isinstance(value, Tensor) else None
+
+
 @torch.compiler.disable
-def _sharded_apply(fields: List[int], error: Optional[BaseException], pg: dist.ProcessGroup,
-                   hidden: Tensor, weight: Tensor, bias: Optional[Tensor], log_z: Optional[Tensor],
-                   target: Tensor, negatives: Optional[Tensor], noise_probs: Optional[Tensor],
-                   objective: int, remove_accidental_hits: bool, ignore_index: int,
-                   sparse_grad: bool, start: int) -> Tensor:
+def _sharded_apply(fields: List[int], pg: dist.ProcessGroup, hidden: Tensor, weight: Tensor,
+                   bias: Optional[Tensor], log_z: Tensor, target: Tensor, negatives: Tensor,
+                   noise_probs: Optional[Tensor], objective: int, remove_accidental_hits: bool,
+                   ignore_index: int, sparse_grad: bool, start: int) -> Tensor:
     """The collectives and the shard kernels: the agreement check, then ``_ShardedLoss``.
 
     Outside any compiled graph (the one graph break of a compiled vocab-parallel loss): the
     check reads index sums on the host and every collective runs eagerly, so a compiled step
     does exactly the eager step's communication, in the same order on every rank.
     """
-    flat_target = target.reshape(-1) if isinstance(target, Tensor) else target
-    if error is None:
-        assert negatives is not None
-        # Replicated inputs must be equal on every rank: a cheap fingerprint of the indices (a
-        # rank whose generator state differs draws other negatives).
-        fields = fields + [int(flat_target.sum()), int(negatives.sum())]
-    else:
-        fields = fields + [0, 0]
-    agree(fields, error, pg, ["num_classes (V)", "hidden's last dim (D)",
-                              "the number of examples (N)", "the number of negatives (k)",
-                              "target", "negatives (seed every rank's generator alike)"],
-          like=hidden if isinstance(hidden, Tensor) else None)
-    assert log_z is not None and negatives is not None
+    flat_target = target.reshape(-1)
+    # Replicated inputs must be equal on every rank: a cheap fingerprint of the indices (a rank
+    # whose generator state differs draws other negatives).
+    agree(fields + [int(flat_target.sum()), int(negatives.sum())], None, pg, _LOSS_FIELDS,
+          like=hidden)
     h = copy_to_group(hidden.reshape(-1, hidden.shape[-1]), pg)
     lz = copy_to_group(log_z, pg) if objective == NCE else log_z
     loss: Tensor = _ShardedLoss.apply(  # type: ignore[no-untyped-call]
@@ -375,8 +374,6 @@ def full_softmax_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ta
     weight, bias, group = _local_shard(weight, bias, group)  # type: ignore[assignment]
     pg = resolve_group(group)
     rank, size = dist.get_rank(pg), dist.get_world_size(pg)
-    error: Optional[BaseException] = None
-    fields = [0, 0, 0]
     try:
         if num_classes is None:
             raise ValueError("num_classes (V, over all shards) is required")
@@ -390,29 +387,27 @@ def full_softmax_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ta
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
         fields = [v, hidden.shape[-1], target.numel()]
     except (ValueError, TypeError) as caught:
-        error = caught
-    loss = _full_softmax_apply(fields, error, pg, hidden, weight, bias, target, ignore_index,
-                               start if error is None else 0, chunk_size)
+        # The rank still joins the agreement all-gather, which raises on every rank.
+        agree([0] * len(_FULL_SOFTMAX_FIELDS), caught, pg, _FULL_SOFTMAX_FIELDS,
+              like=_tensor_or_none(hidden))
+    loss = _full_softmax_apply(fields, pg, hidden, weight, bias, target, ignore_index, start,
+                               chunk_size)
     return fn._reduce(loss, target, ignore_index, reduction)
 
 
 @torch.compiler.disable
-def _full_softmax_apply(fields: List[int], error: Optional[BaseException], pg: dist.ProcessGroup,
-                        hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
-                        ignore_index: int, start: int, chunk_size: Optional[int]) -> Tensor:
+def _full_softmax_apply(fields: List[int], pg: dist.ProcessGroup, hidden: Tensor, weight: Tensor,
+                        bias: Optional[Tensor], target: Tensor, ignore_index: int, start: int,
+                        chunk_size: Optional[int]) -> Tensor:
     """The checks that read values, the agreement check and ``_FullSoftmax``: eager, as in
     ``_sharded_apply``."""
-    flat = keep = None
-    if error is None:
-        flat = target.reshape(-1)
-        keep = flat != ignore_index
-        if bool(((flat < 0) | (flat >= fields[0]))[keep].any()):
-            error = ValueError(f"target holds class indices outside [0, {fields[0]})")
-    fields = fields + [int(flat.sum()) if error is None and flat is not None else 0]
-    agree(fields, error, pg, ["num_classes (V)", "hidden's last dim (D)",
-                              "the number of examples (N)", "target"],
-          like=hidden if isinstance(hidden, Tensor) else None)
-    assert flat is not None and keep is not None
+    flat = target.reshape(-1)
+    keep = flat != ignore_index
+    error: Optional[BaseException] = None
+    if bool(((flat < 0) | (flat >= fields[0]))[keep].any()):
+        error = ValueError(f"target holds class indices outside [0, {fields[0]})")
+    agree(fields + [int(flat.sum()) if error is None else 0], error, pg, _FULL_SOFTMAX_FIELDS,
+          like=hidden)
     rows = weight.shape[0]
     step = max(1, chunk_size if chunk_size is not None else rows)
     h = copy_to_group(hidden.reshape(-1, hidden.shape[-1]), pg)
