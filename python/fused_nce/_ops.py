@@ -14,7 +14,7 @@ ops = torch.ops.fused_nce
 # Values of the ops' `objective` argument (csrc/nce_math.h).
 OBJECTIVES = {"nce": 0, "negative_sampling": 1, "sampled_softmax": 2}
 # Values of the `reduction` argument of the sampled_loss op (csrc/autograd.cpp).
-REDUCTIONS = {"none": 0, "sum": 1, "mean": 2}
+REDUCTION_CODES = {"none": 0, "sum": 1, "mean": 2}
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -35,9 +35,9 @@ def _(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ne
 def _(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, negatives: Tensor,
       noise_probs: Optional[Tensor], log_z: Tensor, objective: int, remove_accidental_hits: bool,
       ignore_index: int, sparse_grad: bool, reduction: int) -> Tensor:
-    if reduction not in REDUCTIONS.values():
+    if reduction not in REDUCTION_CODES.values():
         raise ValueError(f"unknown reduction {reduction}")
-    shape = (hidden.shape[0],) if reduction == REDUCTIONS["none"] else ()
+    shape = (hidden.shape[0],) if reduction == REDUCTION_CODES["none"] else ()
     return hidden.new_empty(shape, dtype=accumulation_dtype(hidden.dtype))
 
 
@@ -109,7 +109,7 @@ def sampled_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target:
     sparse COO tensors that hold only the touched rows."""
     loss: Tensor = ops.sampled_loss(hidden, weight, bias, target, negatives, noise_probs, log_z,
                                     objective, remove_accidental_hits, ignore_index, sparse_grad,
-                                    REDUCTIONS[reduction])
+                                    REDUCTION_CODES[reduction])
     return loss
 
 

@@ -13,24 +13,16 @@ from typing import Any, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from . import _C  # noqa: F401  (importing it registers torch.ops.fused_nce)
 from ._collectives import ProcessGroup, all_gather, all_gather_with_grad
-
-ops = torch.ops.fused_nce
-
-FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-REDUCTIONS = ("mean", "sum", "none")
-
-
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from ._ops import accumulation_dtype, ops
+from .functional import FLOAT_DTYPES, _check_reduction
 
 
 @torch.library.register_fake("fused_nce::in_batch_forward")
 def _(query: Tensor, columns: Tensor, log_q: Optional[Tensor], column_ids: Tensor,
       temperature: Tensor, pos_offset: int, remove_accidental_hits: bool,
       block_size: int) -> Tuple[Tensor, Tensor]:
-    acc = _accumulation_dtype(query.dtype)
+    acc = accumulation_dtype(query.dtype)
     n = query.shape[0]
     return query.new_empty((n,), dtype=acc), query.new_empty((n,), dtype=acc)
 
@@ -39,7 +31,7 @@ def _(query: Tensor, columns: Tensor, log_q: Optional[Tensor], column_ids: Tenso
 def _(grad_loss: Tensor, query: Tensor, columns: Tensor, log_q: Optional[Tensor],
       column_ids: Tensor, temperature: Tensor, lse: Tensor, pos_offset: int,
       remove_accidental_hits: bool, block_size: int) -> Tuple[Tensor, Tensor, Tensor]:
-    acc = _accumulation_dtype(query.dtype)
+    acc = accumulation_dtype(query.dtype)
     return torch.empty_like(query), torch.empty_like(columns), query.new_empty((), dtype=acc)
 
 
@@ -204,13 +196,12 @@ def in_batch_softmax_loss(query: Tensor, candidates: Tensor, candidate_ids: Tens
     if query.dim() != 2 or query.shape[0] < 1:
         raise ValueError(f"query must be [N, D] with N >= 1, got shape {tuple(query.shape)}")
     n, device = query.shape[0], query.device
-    acc = _accumulation_dtype(query.dtype)
+    acc = accumulation_dtype(query.dtype)
     candidates = _rows(candidates, "candidates", query, n)
     candidate_ids = _ids(candidate_ids, "candidate_ids", n, device)
     if log_q is not None:
         log_q = _vector(log_q, "log_q", n, device)
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    reduction = _check_reduction(reduction)
     if sample_weight is not None:
         sample_weight = _vector(sample_weight, "sample_weight", n, device)
     if extra_candidates is None:
