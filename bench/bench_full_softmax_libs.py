@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 import fused_nce
-from bench_losses import DTYPES, PeakMemory, is_oom, time_call
+from bench_losses import DTYPES, PeakMemory, grad_nbytes, is_oom, time_call
 
 Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -80,9 +80,7 @@ def measure(step: Step, hidden: torch.Tensor, weight: torch.Tensor, target: torc
     hidden.grad = weight.grad = None
     memory.start()
     run()
-    grads = sum(g.numel() * g.element_size() if not g.is_sparse else
-                g._values().numel() * g._values().element_size()
-                for g in (hidden.grad, weight.grad) if g is not None)
+    grads = sum(grad_nbytes(g) for g in (hidden.grad, weight.grad) if g is not None)
     extra = memory.peak() - grads
     hidden.grad = weight.grad = None
     return times, max(float(extra), 0.0)
