@@ -163,8 +163,12 @@ class SampledLoss : public torch::autograd::Function<SampledLoss> {
     }
     if (ctx->saved_data["objective"].toInt() == 0 &&
         ctx->needs_input_grad(ctx->saved_data["log_z_input"].toInt())) {
-      // NCE's d = s - log_z - log(k q): dloss/dlog_z = -sum_j dloss/ds_j.
-      grad_log_z = -((grad_loss.dim() == 0 ? grad_loss : grad_loss.unsqueeze(1)) * coef).sum();
+      // NCE's d = s - log_z - log(k q): dloss/dlog_z = -sum_ij dloss/ds_ij. Summed per example,
+      // then by a scan (after a leading zero, for an empty batch): both add in one order whatever
+      // the thread count, where sum() over everything splits a long sum across threads.
+      const auto per_example =
+          ((grad_loss.dim() == 0 ? grad_loss : grad_loss.unsqueeze(1)) * coef).sum(1);
+      grad_log_z = -at::pad(per_example, {1, 0}).cumsum(0).select(0, -1);
     }
     return {grad_hidden, grad_weight, grad_bias, at::Tensor(), at::Tensor(), at::Tensor(),
             grad_log_z, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};

@@ -51,75 +51,37 @@ struct Term {
   T grad;
 };
 
-// log1p(e) from u = 1 + e as rounded: log(u) * e / (u - 1) is as accurate as log1p (the rounding
-// of u cancels; Goldberg 1991, Theorem 4) and costs a log and a division, where glibc's log1pf is a
-// slow generic routine.
+// The binary term from its transcendental parts: x = -d (target) or d (negative), e = exp(-|x|),
+// u = 1 + e as rounded and log_u = log(u). softplus(x) = max(x, 0) + log1p(e) and sigmoid(x) =
+// 1 / u or e / u, both from the one e <= 1 (never exp of a positive). log1p(e) is
+// log(u) * e / (u - 1): as accurate as log1p (the rounding of u cancels; Goldberg 1991,
+// Theorem 4) for a log and a division. The CPU computes the parts of a whole example at once with
+// vector exp / log (nce_cpu.cpp); binary_term computes them one at a time.
 template <typename T>
-FUSED_NCE_HD T log1p_from(T e, T u) {
-  using std::log;
-  return u == T(1) ? e : log(u) * (e / (u - T(1)));
+FUSED_NCE_HD Term<T> binary_term_from_parts(bool positive, T x, T e, T u, T log_u) {
+  const T log1p_e = u == T(1) ? e : log_u * (e / (u - T(1)));
+  const T loss = (x > T(0) ? x : T(0)) + log1p_e;
+  const T sig = x >= T(0) ? T(1) / u : e / u;
+  return Term<T>{loss, positive ? -sig : sig};
 }
 
 template <typename T>
 FUSED_NCE_HD Term<T> binary_term(bool positive, T d) {
   using std::exp;
   using std::fabs;
-  // x = -d (target) or d (negative): softplus(x) = max(x, 0) + log1p(e) and sigmoid(x) =
-  // 1 / (1 + e) or e / (1 + e), both from the one e = exp(-|x|) <= 1 (never exp of a positive).
+  using std::log;
   const T x = positive ? -d : d;
   const T e = exp(-fabs(x));
   const T u = T(1) + e;
-  const T loss = (x > T(0) ? x : T(0)) + log1p_from(e, u);
-  const T sig = x >= T(0) ? T(1) / u : e / u;
-  return Term<T>{loss, positive ? -sig : sig};
+  return binary_term_from_parts(positive, x, e, u, log(u));
 }
 
 // Sampled softmax: logQ-corrected logit o = s - log q; with lse = logsumexp over the example's
-// logits, the loss is lse - o(target) and dloss/ds = softmax(o) - [positive].
+// logits, the loss is lse - o(target) and dloss/ds = softmax(o) - [positive], from the
+// probability softmax(o) = exp(o - lse).
 template <typename T>
-FUSED_NCE_HD T softmax_grad(bool positive, T logit, T lse) {
-  using std::exp;
-  return exp(logit - lse) - T(positive ? 1 : 0);
-}
-
-// One example, sequentially (the CPU kernel; the CUDA kernel spreads the same terms over a warp).
-// On entry `s[0]` is the target's score and `s[1..k]` the negatives' scores, `log_q[j]` the log
-// noise probability of the same classes (unused by negative sampling) and `dropped[j]` marks
-// accidental hits to drop (`dropped[0]` is ignored). On exit `s[j]` holds dloss/ds[j]. Returns
-// the loss. `log_z` is used by NCE only.
-template <typename T>
-FUSED_NCE_HD T example_loss_and_grad(int64_t objective, int64_t k, T* s, const T* log_q,
-                                     const bool* dropped, T log_z) {
-  using std::exp;
-  using std::log;
-  const auto kept = [&](int64_t j) { return j == 0 || !dropped[j]; };
-  if (objective == kSampledSoftmax) {
-    T max_logit = s[0] - log_q[0];
-    for (int64_t j = 0; j <= k; ++j) {
-      s[j] -= log_q[j];
-      if (kept(j) && s[j] > max_logit) max_logit = s[j];
-    }
-    T sum = T(0);
-    for (int64_t j = 0; j <= k; ++j) {
-      if (kept(j)) sum += exp(s[j] - max_logit);
-    }
-    const T lse = max_logit + log(sum);
-    const T loss = lse - s[0];
-    for (int64_t j = 0; j <= k; ++j) s[j] = kept(j) ? softmax_grad(j == 0, s[j], lse) : T(0);
-    return loss;
-  }
-  const T shift = binary_shift(objective, log_z, k);
-  T loss = T(0);
-  for (int64_t j = 0; j <= k; ++j) {
-    if (!kept(j)) {
-      s[j] = T(0);
-      continue;
-    }
-    const Term<T> term = binary_term(j == 0, binary_logit(objective, s[j], log_q[j], shift));
-    loss += term.loss;
-    s[j] = term.grad;
-  }
-  return loss;
+FUSED_NCE_HD T softmax_grad(bool positive, T prob) {
+  return prob - T(positive ? 1 : 0);
 }
 
 // Philox4x32-10 (Salmon et al., SC'11): 128 random bits per (counter, key), stateless, so each

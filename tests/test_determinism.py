@@ -31,13 +31,15 @@ def gradients(objective, p, sparse_grad):
 @pytest.mark.parametrize("objective", OBJECTIVES)
 @pytest.mark.parametrize("shared", [False, True], ids=["per_example", "shared"])
 @pytest.mark.parametrize("sparse_grad", [False, True], ids=["dense", "sparse"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 def test_backward_is_bitwise_reproducible(deterministic, device, objective, shared, sparse_grad,
                                           dtype):
     """Many examples hitting a handful of rows (every row summed from hundreds of entries), run
-    repeatedly and with different thread counts: the same bits every time."""
-    p = make_problem(n=600, dim=40, num_classes=7, k=24, dtype=dtype, device=device,
-                     shared=shared)
+    repeatedly and with different thread counts: the same bits every time. On the CPU one thread
+    adds the entries straight into the rows while several threads sort them by row first (the
+    weight gradient's entries times D is above the CPU kernel's serial threshold, 2^18)."""
+    p = make_problem(n=7000 if shared else 600, dim=40, num_classes=7, k=24, dtype=dtype,
+                     device=device, shared=shared)
     threads = torch.get_num_threads()
     runs = []
     try:

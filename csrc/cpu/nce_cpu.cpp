@@ -7,7 +7,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstring>
 #include <memory>
+#include <optional>
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
@@ -68,6 +71,140 @@ FUSED_NCE_CLONES void dots_f32(const float* h, const float* w, int64_t stride,
     for (int64_t d = 0; d < n; ++d) sum += h[d] * wj[d];
     out[j] = sum;
   }
+}
+
+inline float float_from_bits(int32_t bits) {
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+inline int32_t bits_of_float(float f) {
+  int32_t bits;
+  std::memcpy(&bits, &f, sizeof bits);
+  return bits;
+}
+
+// exp and log over an example's columns: branch-free polynomials (Cephes' expf and logf, about
+// 1 ulp) that the clones vectorize, where glibc's expf / logf are one call per value.
+// y = exp(x) for x <= 88; below -87.3 (float32's smallest normal) it returns about 1e-38, not a
+// subnormal or zero.
+FUSED_NCE_CLONES void exp_f32(const float* x, float* y, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    float v = x[j] < -87.3365447f ? -87.3365447f : x[j];
+    v = v > 88.0f ? 88.0f : v;
+    // k = round(v / ln 2) by the 1.5 * 2^23 trick; v = k ln 2 + r with |r| <= ln 2 / 2.
+    const float k = (v * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    const float r = (v - k * 0.693359375f) - k * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * (r * r) + r + 1.0f;
+    y[j] = p * float_from_bits((static_cast<int32_t>(k) + 127) << 23);
+  }
+}
+
+// y = log(x) for positive finite x (y may be x).
+FUSED_NCE_CLONES void log_f32(const float* x, float* y, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    // A subnormal x is scaled by 2^23 first. x = m 2^e with m in [sqrt(1/2), sqrt(2)), f = m - 1.
+    const bool subnormal = x[j] < 1.17549435e-38f;
+    const int32_t bits = bits_of_float(subnormal ? x[j] * 8388608.0f : x[j]);
+    float m = float_from_bits((bits & 0x007fffff) | 0x3f800000);
+    float e = static_cast<float>((bits >> 23) - (subnormal ? 150 : 127));
+    const bool high = m > 1.41421356f;
+    m = high ? m * 0.5f : m;
+    e = high ? e + 1.0f : e;
+    const float f = m - 1.0f;
+    const float z = f * f;
+    float p = 7.0376836292e-2f;
+    p = p * f - 1.1514610310e-1f;
+    p = p * f + 1.1676998740e-1f;
+    p = p * f - 1.2420140846e-1f;
+    p = p * f + 1.4249322787e-1f;
+    p = p * f - 1.6668057665e-1f;
+    p = p * f + 2.0000714765e-1f;
+    p = p * f - 2.4999993993e-1f;
+    p = p * f + 3.3333331174e-1f;
+    const float tail = p * f * z + e * -2.12194440e-4f - 0.5f * z;
+    y[j] = (f + tail) + e * 0.693359375f;
+  }
+}
+
+inline void exp_columns(const float* x, float* y, int64_t n) { exp_f32(x, y, n); }
+inline void log_columns(const float* x, float* y, int64_t n) { log_f32(x, y, n); }
+inline void exp_columns(const double* x, double* y, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) y[j] = std::exp(x[j]);
+}
+inline void log_columns(const double* x, double* y, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) y[j] = std::log(x[j]);
+}
+
+// log_noise_prob of `count` classes, the logs computed together.
+template <typename T>
+void log_noise_probs(const float* q, const int64_t* classes, int64_t count, T* out) {
+  for (int64_t j = 0; j < count; ++j) {
+    const float p = q[classes[j]];
+    out[j] = static_cast<T>(p > kTinyProb ? p : kTinyProb);
+  }
+  log_columns(out, out, count);
+}
+
+// One example's loss and dloss/ds, from nce_math.h's terms with the exps and logs of all 1 + k
+// columns computed together. On entry `s[0]` is the target's score and `s[1..k]` the negatives',
+// `log_q[j]` the log noise probability of the same classes (unused by negative sampling) and
+// `dropped[j]` marks accidental hits to drop (`dropped[0]` is ignored). On exit `s[j]` holds
+// dloss/ds[j]. Returns the loss. `log_z` is used by NCE only; `x`, `e` and `v` are scratch of
+// 1 + k values each.
+template <typename T>
+T example_loss_and_grad(int64_t objective, int64_t k, T* s, const T* log_q, const bool* dropped,
+                        T log_z, T* x, T* e, T* v) {
+  const int64_t cols = 1 + k;
+  const auto kept = [&](int64_t j) { return j == 0 || !dropped[j]; };
+  if (objective == kSampledSoftmax) {
+    T max_logit = s[0] - log_q[0];
+    for (int64_t j = 0; j < cols; ++j) {
+      s[j] -= log_q[j];
+      if (kept(j) && s[j] > max_logit) max_logit = s[j];
+    }
+    for (int64_t j = 0; j < cols; ++j) x[j] = s[j] - max_logit;
+    exp_columns(x, e, cols);
+    T sum = T(0);
+    for (int64_t j = 0; j < cols; ++j) {
+      if (kept(j)) sum += e[j];
+    }
+    const T lse = max_logit + std::log(sum);
+    const T loss = lse - s[0];
+    for (int64_t j = 0; j < cols; ++j) x[j] = s[j] - lse;
+    exp_columns(x, e, cols);
+    for (int64_t j = 0; j < cols; ++j) s[j] = kept(j) ? softmax_grad(j == 0, e[j]) : T(0);
+    return loss;
+  }
+  const T shift = binary_shift(objective, log_z, k);
+  for (int64_t j = 0; j < cols; ++j) {
+    const T d = kept(j) ? binary_logit(objective, s[j], log_q[j], shift) : T(0);
+    x[j] = j == 0 ? -d : d;
+    v[j] = -std::fabs(x[j]);
+  }
+  exp_columns(v, e, cols);
+  for (int64_t j = 0; j < cols; ++j) v[j] = T(1) + e[j];
+  log_columns(v, v, cols);
+  T loss = T(0);
+  for (int64_t j = 0; j < cols; ++j) {
+    if (!kept(j)) {
+      s[j] = T(0);
+      continue;
+    }
+    const Term<T> term = binary_term_from_parts(j == 0, x[j], e[j], T(1) + e[j], v[j]);
+    loss += term.loss;
+    s[j] = term.grad;
+  }
+  return loss;
 }
 
 template <typename acc_t, typename scalar_t>
@@ -222,6 +359,24 @@ void sum_rows(const EntriesByRow& entries, const int64_t* out_row, int64_t dim,
   });
 }
 
+// sum_rows for one thread or little work: each entry is added straight into its zeroed output
+// row, in entry order. These are the additions sum_rows makes, in the same order, so the result is
+// bitwise the same, without sorting the entries or a row accumulator (for acc_t == scalar_t).
+template <typename acc_t, typename AddEntry>
+void scatter_rows(const std::vector<int64_t>& entry_row, const int64_t* out_row, int64_t dim,
+                  acc_t* grad_weight, acc_t* grad_bias, const AddEntry& add_entry) {
+  for (int64_t e = 0, n = static_cast<int64_t>(entry_row.size()); e < n; ++e) {
+    const int64_t row = entry_row[e];
+    if (row < 0) continue;
+    const int64_t out = out_row != nullptr ? out_row[row] : row;
+    const acc_t bias = add_entry(e, grad_weight + out * dim);
+    if (grad_bias != nullptr) grad_bias[out] += bias;
+  }
+}
+
+// Below this many multiply-adds of the weight gradient, waking threads costs more than it saves.
+constexpr int64_t kSerialScatterWork = int64_t{1} << 18;
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> sampled_loss_forward_cpu(
@@ -249,6 +404,7 @@ std::tuple<at::Tensor, at::Tensor> sampled_loss_forward_cpu(
     const acc_t log_z_value = static_cast<acc_t>(log_z.item<double>());
     // Shared negatives: one [N, D] x [D, k] GEMM gives every <h_i, W[n_j]>; the negatives' bias
     // and log q are the same for every example, so they are looked up once, not N times.
+    const float* qp = uses_noise ? q.const_data_ptr<float>() : nullptr;
     at::Tensor neg_scores;
     std::vector<acc_t> neg_bias, neg_log_q;
     if (shared) {
@@ -259,20 +415,9 @@ std::tuple<at::Tensor, at::Tensor> sampled_loss_forward_cpu(
       neg_log_q.assign(k, acc_t(0));
       for (int64_t j = 0; j < k; ++j) {
         if (b.defined()) neg_bias[j] = static_cast<acc_t>(b.const_data_ptr<scalar_t>()[np[j]]);
-        if (uses_noise) neg_log_q[j] = log_noise_prob<acc_t>(q.const_data_ptr<float>()[np[j]]);
       }
+      if (uses_noise) log_noise_probs(qp, np, k, neg_log_q.data());
     }
-    // log q of every class at once (a vectorized pass over V) when that is cheaper than one
-    // scalar log per column; the same values as log_noise_prob up to its last bit.
-    at::Tensor log_q_table;
-    if (uses_noise && !shared && w.size(0) <= 2 * n_examples * (1 + k)) {
-      log_q_table = q.to(acc_dtype).clamp_min(kTinyProb).log_().contiguous();
-    }
-    const acc_t* lqp = log_q_table.defined() ? log_q_table.const_data_ptr<acc_t>() : nullptr;
-    const float* qp = uses_noise ? q.const_data_ptr<float>() : nullptr;
-    const auto class_log_q = [&](int64_t c) {
-      return lqp != nullptr ? lqp[c] : log_noise_prob<acc_t>(qp[c]);
-    };
     const scalar_t* hp = h.const_data_ptr<scalar_t>();
     const scalar_t* wp = w.const_data_ptr<scalar_t>();
     const scalar_t* bp = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
@@ -290,7 +435,7 @@ std::tuple<at::Tensor, at::Tensor> sampled_loss_forward_cpu(
     };
 
     at::parallel_for(0, n_examples, grain_for((1 + k) * dim), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> h_row(dim), log_q(1 + k);
+      std::vector<acc_t> h_row(dim), log_q(1 + k), scratch(3 * (1 + k));
       std::unique_ptr<bool[]> dropped(new bool[1 + k]());
       if (shared) std::copy(neg_log_q.begin(), neg_log_q.end(), log_q.begin() + 1);
       for (int64_t i = begin; i < end; ++i) {
@@ -311,13 +456,13 @@ std::tuple<at::Tensor, at::Tensor> sampled_loss_forward_cpu(
         }
         for (int64_t j = 1; j <= k; ++j) dropped[j] = remove_accidental_hits && negs[j - 1] == t;
         if (uses_noise) {
-          log_q[0] = class_log_q(t);
-          if (!shared) {
-            for (int64_t j = 1; j <= k; ++j) log_q[j] = class_log_q(negs[j - 1]);
-          }
+          log_noise_probs(qp, &t, 1, log_q.data());
+          if (!shared) log_noise_probs(qp, negs, k, log_q.data() + 1);
         }
         lossp[i] = example_loss_and_grad<acc_t>(objective, k, s, log_q.data(), dropped.get(),
-                                                log_z_value);
+                                                log_z_value, scratch.data(),
+                                                scratch.data() + (1 + k),
+                                                scratch.data() + 2 * (1 + k));
       }
     });
   });
@@ -433,14 +578,24 @@ Gradients backward_cpu(const at::Tensor& grad_loss, const at::Tensor& coef,
         }
       }
     }
-    const EntriesByRow entries(entry_row, num_rows);
+    const bool serial =
+        std::is_same_v<scalar_t, acc_t> &&
+        (at::get_num_threads() == 1 ||
+         static_cast<int64_t>(entry_row.size()) * dim <= kSerialScatterWork);
+    std::optional<EntriesByRow> entries;
+    if (!serial) entries.emplace(entry_row, num_rows);
 
     std::vector<int64_t> out_row;
     if (mode == WeightGrad::kRows) {
       out_row.assign(num_rows, -1);
+      if (serial) {
+        for (const int64_t r : entry_row) {
+          if (r >= 0) out_row[r] = 0;
+        }
+      }
       int64_t num_touched = 0;
       for (int64_t r = 0; r < num_rows; ++r) {
-        if (entries.touched(r)) out_row[r] = num_touched++;
+        if (serial ? out_row[r] == 0 : entries->touched(r)) out_row[r] = num_touched++;
       }
       rows = at::empty({num_touched}, tgt.options());
       int64_t* rp = rows.mutable_data_ptr<int64_t>();
@@ -458,11 +613,21 @@ Gradients backward_cpu(const at::Tensor& grad_loss, const at::Tensor& coef,
     }
     scalar_t* gwp = grad_weight.mutable_data_ptr<scalar_t>();
     scalar_t* gbp = has_bias ? grad_bias.mutable_data_ptr<scalar_t>() : nullptr;
+    if (serial) {
+      std::fill_n(gwp, grad_weight.numel(), scalar_t(0));
+      if (gbp != nullptr) std::fill_n(gbp, grad_bias.numel(), scalar_t(0));
+    }
     const int64_t* orp = mode == WeightGrad::kRows ? out_row.data() : nullptr;
+    const auto add_entries = [&](const auto& add_entry) {
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        if (serial) return scatter_rows(entry_row, orp, dim, gwp, gbp, add_entry);
+      }
+      sum_rows<scalar_t, acc_t>(*entries, orp, dim, gwp, gbp, add_entry);
+    };
     if (shared) {
       const acc_t* gwn = grad_wn.const_data_ptr<acc_t>();
       const acc_t* gbn = grad_bn.const_data_ptr<acc_t>();
-      sum_rows<scalar_t, acc_t>(entries, orp, dim, gwp, gbp, [&](int64_t e, acc_t* acc) {
+      add_entries([&](int64_t e, acc_t* acc) {
         if (e < n_examples) {
           const acc_t c = cp[e * (1 + k)];
           axpy(c, hp + e * h_stride, acc, dim);
@@ -472,7 +637,7 @@ Gradients backward_cpu(const at::Tensor& grad_loss, const at::Tensor& coef,
         return gbn[e - n_examples];
       });
     } else {
-      sum_rows<scalar_t, acc_t>(entries, orp, dim, gwp, gbp, [&](int64_t e, acc_t* acc) {
+      add_entries([&](int64_t e, acc_t* acc) {
         const acc_t c = cp[e];
         axpy(c, hp + (e / (1 + k)) * h_stride, acc, dim);
         return c;

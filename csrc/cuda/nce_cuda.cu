@@ -141,7 +141,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock* kWarpSize, 4)
     const acc_t lse = max_logit + std::log(warp_sum(sum));
     __syncwarp();
     for (int64_t j = lane; j < cols; j += kWarpSize) {
-      s[j] = dropped(j) ? acc_t(0) : softmax_grad(j == 0, s[j], lse);
+      s[j] = dropped(j) ? acc_t(0) : softmax_grad(j == 0, std::exp(s[j] - lse));
     }
     example_loss = lse - target_logit;
   } else {
