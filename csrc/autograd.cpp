@@ -63,13 +63,14 @@ at::Tensor rows_to_sparse(const at::Tensor& rows, const at::Tensor& values,
 enum Reduction : int64_t { kNone = 0, kSum = 1, kMean = 2 };
 
 // The per-example loss reduced; the mean divides by the number of examples not ignored, a tensor
-// (never read on the host), returned in `count` for the backward.
+// (never read on the host) of the loss's dtype (so neither division casts it), returned in
+// `count` for the backward.
 at::Tensor reduce(const at::Tensor& loss, const at::Tensor& target, int64_t ignore_index,
                   int64_t reduction, at::Tensor* count) {
   TORCH_CHECK_VALUE(reduction >= kNone && reduction <= kMean, "unknown reduction ", reduction);
   if (reduction == kNone) return loss;
   if (reduction == kSum) return loss.sum();
-  *count = target.ne(ignore_index).sum().clamp_min(1);
+  *count = target.ne(ignore_index).sum(loss.scalar_type()).clamp_min_(1);
   return loss.sum() / *count;
 }
 

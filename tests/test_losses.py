@@ -90,6 +90,27 @@ def test_log_z_shifts_nce_loss(device):
     assert not torch.allclose(a, c)
 
 
+def test_float_log_z_is_made_once_and_stays_right(device):
+    """A float log_z is made into a tensor once and reused: a value first seen in inference mode
+    still serves a training step, and a schedule of values (more than are kept) gives each call
+    its own value."""
+    p = make_problem(device=device, dtype=torch.float64)
+    common = dict(negatives=p.negatives)
+    with torch.inference_mode():
+        first = fused_nce.nce_loss(p.hidden, p.weight, p.bias, p.target, p.sampler, log_z=0.75,
+                                   **common)
+    h, w, b = p.leaves()
+    trained = fused_nce.nce_loss(h, w, b, p.target, p.sampler, log_z=0.75, **common)
+    trained.backward()
+    assert torch.equal(trained.detach(), first)
+    for value in [0.1 * i for i in range(100)]:
+        loss = fused_nce.nce_loss(p.hidden, p.weight, p.bias, p.target, p.sampler, log_z=value,
+                                  **common)
+        expected = reference.nce_loss(p.hidden, p.weight, p.bias, p.target, p.sampler.probs,
+                                      p.negatives, log_z=torch.tensor(value, dtype=torch.float64))
+        torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+
+
 def test_duplicate_negatives_count_each_time(device):
     """A negative drawn twice contributes twice, in the loss and in the gradient."""
     p = make_problem(n=1, k=1, ignore_every=0, hits=False, device=device, dtype=torch.float64)

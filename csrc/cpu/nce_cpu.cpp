@@ -145,14 +145,15 @@ inline void log_columns(const double* x, double* y, int64_t n) {
   for (int64_t j = 0; j < n; ++j) y[j] = std::log(x[j]);
 }
 
-// log_noise_prob of `count` classes, the logs computed together.
+// log_noise_prob of the target (unless negative) and `count` classes, the logs computed together.
 template <typename T>
-void log_noise_probs(const float* q, const int64_t* classes, int64_t count, T* out) {
-  for (int64_t j = 0; j < count; ++j) {
-    const float p = q[classes[j]];
-    out[j] = static_cast<T>(p > kTinyProb ? p : kTinyProb);
-  }
-  log_columns(out, out, count);
+void log_noise_probs(const float* q, int64_t target, const int64_t* classes, int64_t count,
+                     T* out) {
+  const auto clamped = [](float p) { return static_cast<T>(p > kTinyProb ? p : kTinyProb); };
+  const int64_t first = target >= 0 ? 1 : 0;
+  if (target >= 0) out[0] = clamped(q[target]);
+  for (int64_t j = 0; j < count; ++j) out[first + j] = clamped(q[classes[j]]);
+  log_columns(out, out, first + count);
 }
 
 // One example's loss and dloss/ds, from nce_math.h's terms with the exps and logs of all 1 + k
@@ -416,7 +417,7 @@ std::tuple<at::Tensor, at::Tensor> sampled_loss_forward_cpu(
       for (int64_t j = 0; j < k; ++j) {
         if (b.defined()) neg_bias[j] = static_cast<acc_t>(b.const_data_ptr<scalar_t>()[np[j]]);
       }
-      if (uses_noise) log_noise_probs(qp, np, k, neg_log_q.data());
+      if (uses_noise) log_noise_probs(qp, -1, np, k, neg_log_q.data());
     }
     const scalar_t* hp = h.const_data_ptr<scalar_t>();
     const scalar_t* wp = w.const_data_ptr<scalar_t>();
@@ -455,10 +456,7 @@ std::tuple<at::Tensor, at::Tensor> sampled_loss_forward_cpu(
           scores(h_row.data(), negs, k, s + 1);
         }
         for (int64_t j = 1; j <= k; ++j) dropped[j] = remove_accidental_hits && negs[j - 1] == t;
-        if (uses_noise) {
-          log_noise_probs(qp, &t, 1, log_q.data());
-          if (!shared) log_noise_probs(qp, negs, k, log_q.data() + 1);
-        }
+        if (uses_noise) log_noise_probs(qp, t, negs, shared ? 0 : k, log_q.data());
         lossp[i] = example_loss_and_grad<acc_t>(objective, k, s, log_q.data(), dropped.get(),
                                                 log_z_value, scratch.data(),
                                                 scratch.data() + (1 + k),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -173,15 +173,37 @@ def _sampled_loss(objective: str, hidden: Tensor, weight: Tensor, bias: Optional
     return loss if flat or reduction != "none" else loss.reshape(target.shape)
 
 
+# A float log_z as a 0-dim tensor, made once per (value, device, dtype) instead of on every call;
+# at most _LOG_Z_CACHE_SIZE of them, so a schedule of log_z values cannot grow it without bound.
+_log_z_cache: Dict[Tuple[float, torch.device, torch.dtype], Tensor] = {}
+_LOG_Z_CACHE_SIZE = 64
+
+
 def _log_z_tensor(log_z: object, device: torch.device, dtype: torch.dtype) -> Tensor:
     """``log_z`` (a float or a 0-dim tensor, checked) as a 0-dim tensor of ``dtype``."""
     if isinstance(log_z, Tensor):
         if log_z.numel() != 1 or log_z.dim() != 0:
             raise ValueError(f"log_z must be a float or a 0-dim tensor, got shape {tuple(log_z.shape)}")
         return log_z.to(device=device, dtype=dtype)
-    if isinstance(log_z, (int, float)) and not isinstance(log_z, bool):
-        return torch.full((), float(log_z), dtype=dtype, device=device)  # a fill: no copy to capture
-    raise TypeError(f"log_z must be a float or a 0-dim tensor, got {type(log_z).__name__}")
+    if not isinstance(log_z, (int, float)) or isinstance(log_z, bool):
+        raise TypeError(f"log_z must be a float or a 0-dim tensor, got {type(log_z).__name__}")
+    value = float(log_z)
+    if torch.compiler.is_compiling():
+        return torch.full((), value, dtype=dtype, device=device)
+    key = (value, device, dtype)
+    cached = _log_z_cache.get(key)
+    if cached is not None:
+        return cached
+    tensor = torch.full((), value, dtype=dtype, device=device)  # a fill: no copy to capture
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return tensor  # filled only when the graph replays: not a tensor to keep
+    if torch.is_inference_mode_enabled():
+        with torch.inference_mode(False):  # a tensor that calls outside inference mode can use
+            tensor = torch.full((), value, dtype=dtype, device=device)
+    if len(_log_z_cache) >= _LOG_Z_CACHE_SIZE:
+        _log_z_cache.clear()
+    _log_z_cache[key] = tensor
+    return tensor
 
 
 def _reduce(loss: Tensor, target: Tensor, ignore_index: int, reduction: str) -> Tensor:
