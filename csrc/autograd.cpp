@@ -4,11 +4,13 @@
 // through it into the forward and backward ops and their fake kernels, so sizes are read as
 // SymInts (a plain size() would pin a dynamic batch size to the value traced first).
 #include <ATen/ATen.h>
+#include <ATen/FunctionalTensorWrapper.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <optional>
 #include <tuple>
 
@@ -62,15 +64,31 @@ at::Tensor rows_to_sparse(const at::Tensor& rows, const at::Tensor& values,
 // Reductions of the `reduction` argument; python/fused_nce/_ops.py mirrors them.
 enum Reduction : int64_t { kNone = 0, kSum = 1, kMean = 2 };
 
-// The per-example loss reduced; the mean divides by the number of examples not ignored, a tensor
-// (never read on the host) of the loss's dtype (so neither division casts it), returned in
-// `count` for the backward.
+// The number of examples not ignored (at least 1) as a 0-dim tensor of `dtype`, so that neither
+// division by it casts. Never read on the host where it was computed on a device; an ordinary CPU
+// target (not a fake or functional tensor traced by torch.compile) is counted in one pass here
+// instead of by three ops.
+at::Tensor count_kept(const at::Tensor& target, int64_t ignore_index, at::ScalarType dtype) {
+  if (target.is_cpu() && target.has_storage() && !target.unsafeGetTensorImpl()->is_python_dispatch() &&
+      !at::functionalization::impl::isFunctionalTensor(target)) {
+    const auto values = target.contiguous();
+    const int64_t* tp = values.const_data_ptr<int64_t>();
+    int64_t kept = 0;
+    for (int64_t i = 0, n = values.numel(); i < n; ++i) kept += tp[i] != ignore_index;
+    return at::scalar_tensor(static_cast<double>(std::max<int64_t>(kept, 1)),
+                             at::TensorOptions().dtype(dtype));
+  }
+  return target.ne(ignore_index).sum(dtype).clamp_min_(1);
+}
+
+// The per-example loss reduced; the mean divides by count_kept, returned in `count` for the
+// backward.
 at::Tensor reduce(const at::Tensor& loss, const at::Tensor& target, int64_t ignore_index,
                   int64_t reduction, at::Tensor* count) {
   TORCH_CHECK_VALUE(reduction >= kNone && reduction <= kMean, "unknown reduction ", reduction);
   if (reduction == kNone) return loss;
   if (reduction == kSum) return loss.sum();
-  *count = target.ne(ignore_index).sum(loss.scalar_type()).clamp_min_(1);
+  *count = count_kept(target, ignore_index, loss.scalar_type());
   return loss.sum() / *count;
 }
 
