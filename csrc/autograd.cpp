@@ -69,8 +69,10 @@ enum Reduction : int64_t { kNone = 0, kSum = 1, kMean = 2 };
 // target (not a fake or functional tensor traced by torch.compile) is counted in one pass here
 // instead of by three ops.
 at::Tensor count_kept(const at::Tensor& target, int64_t ignore_index, at::ScalarType dtype) {
-  if (target.is_cpu() && target.has_storage() && !target.unsafeGetTensorImpl()->is_python_dispatch() &&
-      !at::functionalization::impl::isFunctionalTensor(target)) {
+  const bool readable = target.is_cpu() && target.has_storage() &&
+                        !target.unsafeGetTensorImpl()->is_python_dispatch() &&
+                        !at::functionalization::impl::isFunctionalTensor(target);
+  if (readable) {
     const auto values = target.contiguous();
     const int64_t* tp = values.const_data_ptr<int64_t>();
     int64_t kept = 0;
