@@ -21,22 +21,9 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using OptTensor = std::optional<at::Tensor>;
 
-std::tuple<at::Tensor, at::Tensor> call_forward(const at::Tensor& hidden, const at::Tensor& weight,
-                                                const OptTensor& bias, const at::Tensor& target,
-                                                const at::Tensor& negatives,
-                                                const OptTensor& noise_probs,
-                                                const at::Tensor& log_z, int64_t objective,
-                                                bool remove_accidental_hits, int64_t ignore_index) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("fused_nce::sampled_loss_forward", "")
-          .typed<std::tuple<at::Tensor, at::Tensor>(
-              const at::Tensor&, const at::Tensor&, const OptTensor&, const at::Tensor&,
-              const at::Tensor&, const OptTensor&, const at::Tensor&, int64_t, bool, int64_t)>();
-  return op.call(hidden, weight, bias, target, negatives, noise_probs, log_z, objective,
-                 remove_accidental_hits, ignore_index);
-}
-
+using ForwardSig = std::tuple<at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const OptTensor&, const at::Tensor&, const at::Tensor&,
+    const OptTensor&, const at::Tensor&, int64_t, bool, int64_t);
 using BackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, bool,
     const at::Tensor&, const at::Tensor&, int64_t);
@@ -50,6 +37,17 @@ using BackwardHiddenSig = at::Tensor(const at::Tensor&, const at::Tensor&, const
 template <typename Sig>
 c10::TypedOperatorHandle<Sig> find_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+std::tuple<at::Tensor, at::Tensor> call_forward(const at::Tensor& hidden, const at::Tensor& weight,
+                                                const OptTensor& bias, const at::Tensor& target,
+                                                const at::Tensor& negatives,
+                                                const OptTensor& noise_probs,
+                                                const at::Tensor& log_z, int64_t objective,
+                                                bool remove_accidental_hits, int64_t ignore_index) {
+  static const auto op = find_op<ForwardSig>("fused_nce::sampled_loss_forward");
+  return op.call(hidden, weight, bias, target, negatives, noise_probs, log_z, objective,
+                 remove_accidental_hits, ignore_index);
 }
 
 // A coalesced COO tensor of `size` whose only non-zero rows are `values` at the strictly ascending

@@ -24,10 +24,12 @@ enum Objective : int64_t {
 // Smallest positive float32: a zero noise probability becomes a very unlikely class, not -inf.
 constexpr float kTinyProb = 1.401298464324817e-45f;
 
+FUSED_NCE_HD float clamp_noise_prob(float q) { return q > kTinyProb ? q : kTinyProb; }
+
 template <typename T>
 FUSED_NCE_HD T log_noise_prob(float q) {
   using std::log;
-  return log(T(q > kTinyProb ? q : kTinyProb));
+  return log(T(clamp_noise_prob(q)));
 }
 
 // NCE / negative sampling logit of a class: d = s - log_z - log(k q) for NCE, d = s otherwise.

@@ -149,10 +149,11 @@ inline void log_columns(const double* x, double* y, int64_t n) {
 template <typename T>
 void log_noise_probs(const float* q, int64_t target, const int64_t* classes, int64_t count,
                      T* out) {
-  const auto clamped = [](float p) { return static_cast<T>(p > kTinyProb ? p : kTinyProb); };
   const int64_t first = target >= 0 ? 1 : 0;
-  if (target >= 0) out[0] = clamped(q[target]);
-  for (int64_t j = 0; j < count; ++j) out[first + j] = clamped(q[classes[j]]);
+  if (target >= 0) out[0] = static_cast<T>(clamp_noise_prob(q[target]));
+  for (int64_t j = 0; j < count; ++j) {
+    out[first + j] = static_cast<T>(clamp_noise_prob(q[classes[j]]));
+  }
   log_columns(out, out, first + count);
 }
 
@@ -585,15 +586,14 @@ Gradients backward_cpu(const at::Tensor& grad_loss, const at::Tensor& coef,
 
     std::vector<int64_t> out_row;
     if (mode == WeightGrad::kRows) {
+      // Touched rows get their output index in ascending row order; the others stay -1.
       out_row.assign(num_rows, -1);
-      if (serial) {
-        for (const int64_t r : entry_row) {
-          if (r >= 0) out_row[r] = 0;
-        }
+      for (const int64_t r : entry_row) {
+        if (r >= 0) out_row[r] = 0;
       }
       int64_t num_touched = 0;
       for (int64_t r = 0; r < num_rows; ++r) {
-        if (serial ? out_row[r] == 0 : entries->touched(r)) out_row[r] = num_touched++;
+        if (out_row[r] == 0) out_row[r] = num_touched++;
       }
       rows = at::empty({num_touched}, tgt.options());
       int64_t* rp = rows.mutable_data_ptr<int64_t>();

@@ -194,12 +194,11 @@ def _log_z_tensor(log_z: object, device: torch.device, dtype: torch.dtype) -> Te
     cached = _log_z_cache.get(key)
     if cached is not None:
         return cached
-    tensor = torch.full((), value, dtype=dtype, device=device)  # a fill: no copy to capture
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return tensor  # filled only when the graph replays: not a tensor to keep
-    if torch.is_inference_mode_enabled():
-        with torch.inference_mode(False):  # a tensor that calls outside inference mode can use
-            tensor = torch.full((), value, dtype=dtype, device=device)
+        # Filled only when the graph replays: not a tensor to keep.
+        return torch.full((), value, dtype=dtype, device=device)  # a fill: no copy to capture
+    with torch.inference_mode(False):  # a tensor that calls outside inference mode can use too
+        tensor = torch.full((), value, dtype=dtype, device=device)
     if len(_log_z_cache) >= _LOG_Z_CACHE_SIZE:
         _log_z_cache.clear()
     _log_z_cache[key] = tensor
