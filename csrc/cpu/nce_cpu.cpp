@@ -26,11 +26,33 @@
 namespace fused_nce {
 
 // float32 rows, the common case, get AVX2 / FMA code where the CPU has it (picked once, when the
-// library loads); everything else the baseline's. A pragma-vectorized loop either way.
+// library loads); everything else the baseline's. Dots keep eight lane sums in one vector (GCC /
+// Clang vector extensions: two SSE registers in the baseline) and add the lanes as a tree at the
+// end: a single running sum would wait on every multiply-add, and the compiler's own simd
+// reduction adds the lanes one after another.
+namespace {
+
+typedef float f32x8 __attribute__((vector_size(32)));
+constexpr int64_t kLanes = 8;
+
+inline f32x8 load8(const float* p) {
+  f32x8 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline float sum_lanes(f32x8 v) {
+  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+
+}  // namespace
+
 FUSED_NCE_CLONES float dot_f32(const float* a, const float* b, int64_t n) {
-  float sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t d = 0; d < n; ++d) sum += a[d] * b[d];
+  f32x8 lanes = {};
+  int64_t d = 0;
+  for (; d + kLanes <= n; d += kLanes) lanes += load8(a + d) * load8(b + d);
+  float sum = sum_lanes(lanes);
+  for (; d < n; ++d) sum += a[d] * b[d];
   return sum;
 }
 
@@ -51,26 +73,28 @@ FUSED_NCE_CLONES void dots_f32(const float* h, const float* w, int64_t stride,
     const float* w1 = w + rows[j + 1] * stride;
     const float* w2 = w + rows[j + 2] * stride;
     const float* w3 = w + rows[j + 3] * stride;
-    float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-    for (int64_t d = 0; d < n; ++d) {
-      s0 += h[d] * w0[d];
-      s1 += h[d] * w1[d];
-      s2 += h[d] * w2[d];
-      s3 += h[d] * w3[d];
+    f32x8 s0 = {}, s1 = {}, s2 = {}, s3 = {};
+    int64_t d = 0;
+    for (; d + kLanes <= n; d += kLanes) {
+      const f32x8 x = load8(h + d);
+      s0 += x * load8(w0 + d);
+      s1 += x * load8(w1 + d);
+      s2 += x * load8(w2 + d);
+      s3 += x * load8(w3 + d);
     }
-    out[j] = s0;
-    out[j + 1] = s1;
-    out[j + 2] = s2;
-    out[j + 3] = s3;
+    float t0 = sum_lanes(s0), t1 = sum_lanes(s1), t2 = sum_lanes(s2), t3 = sum_lanes(s3);
+    for (; d < n; ++d) {
+      t0 += h[d] * w0[d];
+      t1 += h[d] * w1[d];
+      t2 += h[d] * w2[d];
+      t3 += h[d] * w3[d];
+    }
+    out[j] = t0;
+    out[j + 1] = t1;
+    out[j + 2] = t2;
+    out[j + 3] = t3;
   }
-  for (; j < count; ++j) {
-    const float* wj = w + rows[j] * stride;
-    float sum = 0;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t d = 0; d < n; ++d) sum += h[d] * wj[d];
-    out[j] = sum;
-  }
+  for (; j < count; ++j) out[j] = dot_f32(h, w + rows[j] * stride, n);
 }
 
 inline float float_from_bits(int32_t bits) {
@@ -145,68 +169,66 @@ inline void log_columns(const double* x, double* y, int64_t n) {
   for (int64_t j = 0; j < n; ++j) y[j] = std::log(x[j]);
 }
 
-// log_noise_prob of the target (unless negative) and `count` classes, the logs computed together.
+// The losses and dloss/ds of `rows` examples, from nce_math.h's terms, with the exps and logs of
+// all their rows * (1 + k) columns computed together: a short example row would leave most of a
+// vector loop to its scalar remainder. On entry s[r * (1 + k) + j] is example r's score of column
+// j (the target's at j = 0), log_q[...] the log noise probability of the same class (unused by
+// negative sampling), keep[...] 1 or 0 (0: a dropped accidental hit, or every column of an ignored
+// example) and target[...] 1 at the target columns, 0 elsewhere. On exit s holds dloss/ds (0 where
+// not kept) and loss[r] the loss (0 for an ignored example). `x`, `e` and `v` are scratch of
+// rows * (1 + k) values each.
 template <typename T>
-void log_noise_probs(const float* q, int64_t target, const int64_t* classes, int64_t count,
-                     T* out) {
-  const int64_t first = target >= 0 ? 1 : 0;
-  if (target >= 0) out[0] = static_cast<T>(clamp_noise_prob(q[target]));
-  for (int64_t j = 0; j < count; ++j) {
-    out[first + j] = static_cast<T>(clamp_noise_prob(q[classes[j]]));
-  }
-  log_columns(out, out, first + count);
-}
-
-// One example's loss and dloss/ds, from nce_math.h's terms with the exps and logs of all 1 + k
-// columns computed together. On entry `s[0]` is the target's score and `s[1..k]` the negatives',
-// `log_q[j]` the log noise probability of the same classes (unused by negative sampling) and
-// `dropped[j]` marks accidental hits to drop (`dropped[0]` is ignored). On exit `s[j]` holds
-// dloss/ds[j]. Returns the loss. `log_z` is used by NCE only; `x`, `e` and `v` are scratch of
-// 1 + k values each.
-template <typename T>
-T example_loss_and_grad(int64_t objective, int64_t k, T* s, const T* log_q, const bool* dropped,
-                        T log_z, T* x, T* e, T* v) {
-  const int64_t cols = 1 + k;
-  const auto kept = [&](int64_t j) { return j == 0 || !dropped[j]; };
+void block_loss_and_grad(int64_t objective, int64_t rows, int64_t k, T* s, const T* log_q,
+                         const T* keep, const T* target, T log_z, T* loss, T* x, T* e, T* v) {
+  const int64_t cols = 1 + k, n = rows * cols;
   if (objective == kSampledSoftmax) {
-    T max_logit = s[0] - log_q[0];
-    for (int64_t j = 0; j < cols; ++j) {
-      s[j] -= log_q[j];
-      if (kept(j) && s[j] > max_logit) max_logit = s[j];
+    for (int64_t f = 0; f < n; ++f) s[f] -= log_q[f];
+    // Row r's logsumexp in v[r]: its max, then the sum of exps in column order.
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* o = s + r * cols;
+      T max_logit = o[0];
+      for (int64_t j = 1; j < cols; ++j) {
+        if (keep[r * cols + j] != T(0) && o[j] > max_logit) max_logit = o[j];
+      }
+      v[r] = max_logit;
+      for (int64_t j = 0; j < cols; ++j) x[r * cols + j] = o[j] - max_logit;
     }
-    for (int64_t j = 0; j < cols; ++j) x[j] = s[j] - max_logit;
-    exp_columns(x, e, cols);
-    T sum = T(0);
-    for (int64_t j = 0; j < cols; ++j) {
-      if (kept(j)) sum += e[j];
+    exp_columns(x, e, n);
+    for (int64_t r = 0; r < rows; ++r) {
+      T sum = T(0);
+      for (int64_t j = 0; j < cols; ++j) sum += keep[r * cols + j] * e[r * cols + j];
+      // An ignored example (nothing kept) gets a finite stand-in and loss 0.
+      const bool ignored = keep[r * cols] == T(0);
+      v[r] = ignored ? T(0) : v[r] + std::log(sum);
+      loss[r] = ignored ? T(0) : v[r] - s[r * cols];
+      for (int64_t j = 0; j < cols; ++j) x[r * cols + j] = s[r * cols + j] - v[r];
     }
-    const T lse = max_logit + std::log(sum);
-    const T loss = lse - s[0];
-    for (int64_t j = 0; j < cols; ++j) x[j] = s[j] - lse;
-    exp_columns(x, e, cols);
-    for (int64_t j = 0; j < cols; ++j) s[j] = kept(j) ? softmax_grad(j == 0, e[j]) : T(0);
-    return loss;
+    exp_columns(x, e, n);
+    for (int64_t f = 0; f < n; ++f) {
+      s[f] = keep[f] != T(0) ? softmax_grad(target[f] != T(0), e[f]) : T(0);
+    }
+    return;
   }
   const T shift = binary_shift(objective, log_z, k);
-  for (int64_t j = 0; j < cols; ++j) {
-    const T d = kept(j) ? binary_logit(objective, s[j], log_q[j], shift) : T(0);
-    x[j] = j == 0 ? -d : d;
-    v[j] = -std::fabs(x[j]);
+  for (int64_t f = 0; f < n; ++f) {
+    const T d = keep[f] != T(0) ? binary_logit(objective, s[f], log_q[f], shift) : T(0);
+    x[f] = target[f] != T(0) ? -d : d;
+    v[f] = -std::fabs(x[f]);
   }
-  exp_columns(v, e, cols);
-  for (int64_t j = 0; j < cols; ++j) v[j] = T(1) + e[j];
-  log_columns(v, v, cols);
-  T loss = T(0);
-  for (int64_t j = 0; j < cols; ++j) {
-    if (!kept(j)) {
-      s[j] = T(0);
-      continue;
-    }
-    const Term<T> term = binary_term_from_parts(j == 0, x[j], e[j], T(1) + e[j], v[j]);
-    loss += term.loss;
-    s[j] = term.grad;
+  exp_columns(v, e, n);
+  for (int64_t f = 0; f < n; ++f) v[f] = T(1) + e[f];
+  log_columns(v, v, n);
+  for (int64_t f = 0; f < n; ++f) {
+    const Term<T> term = binary_term_from_parts(target[f] != T(0), x[f], e[f], T(1) + e[f], v[f]);
+    // The term's loss in v (its log is used), its gradient in s.
+    v[f] = keep[f] != T(0) ? term.loss : T(0);
+    s[f] = keep[f] != T(0) ? term.grad : T(0);
   }
-  return loss;
+  for (int64_t r = 0; r < rows; ++r) {
+    T sum = T(0);
+    for (int64_t j = 0; j < cols; ++j) sum += v[r * cols + j];
+    loss[r] = sum;
+  }
 }
 
 template <typename acc_t, typename scalar_t>
@@ -365,14 +387,44 @@ void sum_rows(const EntriesByRow& entries, const int64_t* out_row, int64_t dim,
 // row, in entry order. These are the additions sum_rows makes, in the same order, so the result is
 // bitwise the same, without sorting the entries or a row accumulator (for acc_t == scalar_t).
 template <typename acc_t, typename AddEntry>
-void scatter_rows(const std::vector<int64_t>& entry_row, const int64_t* out_row, int64_t dim,
-                  acc_t* grad_weight, acc_t* grad_bias, const AddEntry& add_entry) {
+void scatter_entries(const std::vector<int64_t>& entry_row, const int64_t* out_row, int64_t dim,
+                     acc_t* grad_weight, acc_t* grad_bias, const AddEntry& add_entry) {
   for (int64_t e = 0, n = static_cast<int64_t>(entry_row.size()); e < n; ++e) {
     const int64_t row = entry_row[e];
     if (row < 0) continue;
     const int64_t out = out_row != nullptr ? out_row[row] : row;
     const acc_t bias = add_entry(e, grad_weight + out * dim);
     if (grad_bias != nullptr) grad_bias[out] += bias;
+  }
+}
+
+// base[rows[j]] += coefs[j] * x and bias[rows[j]] += coefs[j] (bias may be null) for j < count,
+// in order (rows may repeat): one example's entries in scatter_entries' arithmetic.
+FUSED_NCE_CLONES void scatter_rows_f32(const float* __restrict x, const int64_t* rows,
+                                       const float* coefs, int64_t count,
+                                       float* __restrict base, float* bias, int64_t n) {
+  for (int64_t j = 0; j < count; ++j) {
+    float* __restrict y = base + rows[j] * n;
+    const float c = coefs[j];
+#pragma omp simd
+    for (int64_t d = 0; d < n; ++d) y[d] += c * x[d];
+    if (bias != nullptr) bias[rows[j]] += c;
+  }
+}
+
+// The serial path only (acc_t == scalar_t: entries are added into the output rows themselves).
+template <typename scalar_t, typename acc_t>
+void scatter_rows(const scalar_t* x, const int64_t* rows, const acc_t* coefs, int64_t count,
+                  scalar_t* base, scalar_t* bias, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+    scatter_rows_f32(x, rows, coefs, count, base, bias, n);
+  } else if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    for (int64_t j = 0; j < count; ++j) {
+      axpy(coefs[j], x, base + rows[j] * n, n);
+      if (bias != nullptr) bias[rows[j]] += coefs[j];
+    }
+  } else {
+    TORCH_INTERNAL_ASSERT(false, "scatter_rows needs rows of the accumulation dtype");
   }
 }
 
@@ -414,11 +466,12 @@ std::tuple<at::Tensor, at::Tensor> sampled_loss_forward_cpu(
       neg_scores = at::mm(h.to(acc_dtype), wn.t()).contiguous();
       const int64_t* np = neg.const_data_ptr<int64_t>();
       neg_bias.assign(k, acc_t(0));
-      neg_log_q.assign(k, acc_t(0));
+      neg_log_q.assign(k, acc_t(1));
       for (int64_t j = 0; j < k; ++j) {
         if (b.defined()) neg_bias[j] = static_cast<acc_t>(b.const_data_ptr<scalar_t>()[np[j]]);
+        if (uses_noise) neg_log_q[j] = static_cast<acc_t>(clamp_noise_prob(qp[np[j]]));
       }
-      if (uses_noise) log_noise_probs(qp, -1, np, k, neg_log_q.data());
+      log_columns(neg_log_q.data(), neg_log_q.data(), k);
     }
     const scalar_t* hp = h.const_data_ptr<scalar_t>();
     const scalar_t* wp = w.const_data_ptr<scalar_t>();
@@ -437,31 +490,58 @@ std::tuple<at::Tensor, at::Tensor> sampled_loss_forward_cpu(
     };
 
     at::parallel_for(0, n_examples, grain_for((1 + k) * dim), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> h_row(dim), log_q(1 + k), scratch(3 * (1 + k));
-      std::unique_ptr<bool[]> dropped(new bool[1 + k]());
-      if (shared) std::copy(neg_log_q.begin(), neg_log_q.end(), log_q.begin() + 1);
-      for (int64_t i = begin; i < end; ++i) {
-        acc_t* s = coefp + i * (1 + k);
-        const int64_t t = tp[i];
-        if (t == ignore_index) {
-          lossp[i] = 0;
-          std::fill(s, s + 1 + k, acc_t(0));
-          continue;
+      // Examples go through the epilogue kBlock at a time.
+      constexpr int64_t kBlock = 16;
+      const int64_t cols = 1 + k, block_values = kBlock * cols;
+      std::vector<acc_t> h_row(dim), log_q(block_values), target_q(kBlock), keep(block_values),
+          is_target(block_values, acc_t(0)), scratch(3 * block_values);
+      for (int64_t r = 0; r < kBlock; ++r) is_target[r * cols] = acc_t(1);
+      for (int64_t b = begin; b < end; b += kBlock) {
+        const int64_t rows = std::min(kBlock, end - b);
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t i = b + r;
+          acc_t* s = coefp + i * cols;
+          acc_t* q_row = log_q.data() + r * cols;
+          acc_t* keep_row = keep.data() + r * cols;
+          const int64_t t = tp[i];
+          target_q[r] = acc_t(1);
+          if (t == ignore_index) {
+            std::fill(s, s + cols, acc_t(0));
+            std::fill(q_row, q_row + cols, acc_t(1));
+            std::fill(keep_row, keep_row + cols, acc_t(0));
+            continue;
+          }
+          const int64_t* negs = shared ? np : np + i * k;
+          load_row(hp + i * h_stride, h_row.data(), dim);
+          s[0] = score(h_row.data(), t);
+          if (shared) {
+            for (int64_t j = 1; j <= k; ++j) s[j] = sp[i * k + j - 1] + neg_bias[j - 1];
+          } else {
+            scores(h_row.data(), negs, k, s + 1);
+          }
+          keep_row[0] = acc_t(1);
+          for (int64_t j = 1; j <= k; ++j) {
+            keep_row[j] = remove_accidental_hits && negs[j - 1] == t ? acc_t(0) : acc_t(1);
+          }
+          if (uses_noise) {
+            // Noise probabilities, made logs below in one pass (a shared negative's already are).
+            q_row[0] = target_q[r] = static_cast<acc_t>(clamp_noise_prob(qp[t]));
+            for (int64_t j = 1; j <= k; ++j) {
+              q_row[j] = shared ? neg_log_q[j - 1]
+                                : static_cast<acc_t>(clamp_noise_prob(qp[negs[j - 1]]));
+            }
+          }
         }
-        const int64_t* negs = shared ? np : np + i * k;
-        load_row(hp + i * h_stride, h_row.data(), dim);
-        s[0] = score(h_row.data(), t);
-        if (shared) {
-          for (int64_t j = 1; j <= k; ++j) s[j] = sp[i * k + j - 1] + neg_bias[j - 1];
-        } else {
-          scores(h_row.data(), negs, k, s + 1);
+        if (uses_noise && shared) {
+          log_columns(target_q.data(), target_q.data(), rows);
+          for (int64_t r = 0; r < rows; ++r) log_q[r * cols] = target_q[r];
+        } else if (uses_noise) {
+          log_columns(log_q.data(), log_q.data(), rows * cols);
         }
-        for (int64_t j = 1; j <= k; ++j) dropped[j] = remove_accidental_hits && negs[j - 1] == t;
-        if (uses_noise) log_noise_probs(qp, t, negs, shared ? 0 : k, log_q.data());
-        lossp[i] = example_loss_and_grad<acc_t>(objective, k, s, log_q.data(), dropped.get(),
-                                                log_z_value, scratch.data(),
-                                                scratch.data() + (1 + k),
-                                                scratch.data() + 2 * (1 + k));
+        block_loss_and_grad<acc_t>(objective, rows, k, coefp + b * cols, log_q.data(), keep.data(),
+                                   is_target.data(), log_z_value, lossp + b, scratch.data(),
+                                   scratch.data() + block_values,
+                                   scratch.data() + 2 * block_values);
       }
     });
   });
@@ -526,71 +606,40 @@ Gradients backward_cpu(const at::Tensor& grad_loss, const at::Tensor& coef,
       }
     }
 
-    at::parallel_for(0, n_examples, grain_for((1 + k) * dim), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> acc(dim), coefs(1 + k);
-      std::vector<int64_t> rows(1 + k);
-      for (int64_t i = begin; i < end; ++i) {
-        const acc_t* c = cp + i * (1 + k);
-        // The rows with a non-zero coefficient (a zero one is never read): the negatives', then
-        // the target's.
-        int64_t m = 0;
-        if (!shared) {
-          for (int64_t j = 1; j <= k; ++j) {
-            if (c[j] != 0) {
-              rows[m] = np[i * k + j - 1];
-              coefs[m++] = c[j];
-            }
-          }
-        }
-        if (c[0] != 0 && tp[i] != ignore_index) {
-          rows[m] = tp[i];
-          coefs[m++] = c[0];
-        }
-        if (shared) {
-          load_row(hidden_from_negs.const_data_ptr<acc_t>() + i * dim, acc.data(), dim);
-        } else {
-          std::fill(acc.begin(), acc.end(), acc_t(0));
-        }
-        axpy_rows(wp, w_stride, rows.data(), coefs.data(), m, acc.data(), dim);
-        store_row(acc.data(), ghp + i * dim, dim);
-      }
-    });
-    if (mode == WeightGrad::kNone) return;
-
     // Entries with a zero coefficient (ignored examples, dropped hits) touch nothing.
     const auto ignored = [&](int64_t i, int64_t j) {
       return tp[i] == ignore_index || cp[i * (1 + k) + j] == 0;
     };
-    std::vector<int64_t> entry_row;
-    if (shared) {
-      // Entries 0..N-1 are the targets, N..N+k-1 the shared negatives' GEMM rows.
-      entry_row.resize(n_examples + k);
-      for (int64_t i = 0; i < n_examples; ++i) entry_row[i] = ignored(i, 0) ? -1 : tp[i];
-      for (int64_t j = 0; j < k; ++j) entry_row[n_examples + j] = np[j];
-    } else {
-      // Entry e = i * (1 + k) + j: column j of example i.
-      entry_row.resize(n_examples * (1 + k));
+    // The weight gradient's entries, in order: per example, e = i * (1 + k) + j is column j of
+    // example i (the target, then the negatives); shared, entries 0..N-1 are the targets and
+    // N..N+k-1 the negatives' GEMM rows. visit(e, row) with row -1 where it touches nothing.
+    const int64_t num_entries = shared ? n_examples + k : n_examples * (1 + k);
+    const auto for_each_entry = [&](const auto& visit) {
       for (int64_t i = 0; i < n_examples; ++i) {
-        for (int64_t j = 0; j <= k; ++j) {
-          const int64_t e = i * (1 + k) + j;
-          entry_row[e] = ignored(i, j) ? -1 : (j == 0 ? tp[i] : np[i * k + j - 1]);
+        for (int64_t j = 0; j <= (shared ? 0 : k); ++j) {
+          visit(i * (shared ? 1 : 1 + k) + j,
+                ignored(i, j) ? -1 : (j == 0 ? tp[i] : np[i * k + j - 1]));
         }
       }
-    }
+      if (shared) {
+        for (int64_t j = 0; j < k; ++j) visit(n_examples + j, np[j]);
+      }
+    };
+    // One thread or little work: per example, its entries are added straight into the zeroed
+    // output rows right after its grad_hidden, in entry order. These are the additions the
+    // row-sorted path (sum_rows) makes, in the same order, so the result is bitwise the same
+    // without sorting the entries or a row accumulator (for acc_t == scalar_t).
     const bool serial =
-        std::is_same_v<scalar_t, acc_t> &&
-        (at::get_num_threads() == 1 ||
-         static_cast<int64_t>(entry_row.size()) * dim <= kSerialScatterWork);
-    std::optional<EntriesByRow> entries;
-    if (!serial) entries.emplace(entry_row, num_rows);
+        std::is_same_v<scalar_t, acc_t> && mode != WeightGrad::kNone &&
+        (at::get_num_threads() == 1 || num_entries * dim <= kSerialScatterWork);
 
     std::vector<int64_t> out_row;
     if (mode == WeightGrad::kRows) {
       // Touched rows get their output index in ascending row order; the others stay -1.
       out_row.assign(num_rows, -1);
-      for (const int64_t r : entry_row) {
+      for_each_entry([&](int64_t, int64_t r) {
         if (r >= 0) out_row[r] = 0;
-      }
+      });
       int64_t num_touched = 0;
       for (int64_t r = 0; r < num_rows; ++r) {
         if (out_row[r] == 0) out_row[r] = num_touched++;
@@ -601,26 +650,62 @@ Gradients backward_cpu(const at::Tensor& grad_loss, const at::Tensor& coef,
         if (out_row[r] >= 0) rp[out_row[r]] = r;
       }
       grad_weight = at::empty({num_touched, dim}, w.options());
-      advise_huge_pages(grad_weight);
       grad_bias = at::empty({has_bias ? num_touched : 0}, w.options());
-    } else {
+    } else if (mode == WeightGrad::kDense) {
       rows = at::empty({0}, tgt.options());
       grad_weight = at::empty({num_rows, dim}, w.options());
-      advise_huge_pages(grad_weight);
       grad_bias = at::empty({has_bias ? num_rows : 0}, w.options());
     }
-    scalar_t* gwp = grad_weight.mutable_data_ptr<scalar_t>();
-    scalar_t* gbp = has_bias ? grad_bias.mutable_data_ptr<scalar_t>() : nullptr;
-    if (serial) {
-      std::fill_n(gwp, grad_weight.numel(), scalar_t(0));
-      if (gbp != nullptr) std::fill_n(gbp, grad_bias.numel(), scalar_t(0));
+    scalar_t* gwp = nullptr;
+    scalar_t* gbp = nullptr;
+    if (mode != WeightGrad::kNone) {
+      advise_huge_pages(grad_weight);
+      gwp = grad_weight.mutable_data_ptr<scalar_t>();
+      gbp = has_bias ? grad_bias.mutable_data_ptr<scalar_t>() : nullptr;
+      if (serial) {
+        std::fill_n(gwp, grad_weight.numel(), scalar_t(0));
+        if (gbp != nullptr) std::fill_n(gbp, grad_bias.numel(), scalar_t(0));
+      }
     }
     const int64_t* orp = mode == WeightGrad::kRows ? out_row.data() : nullptr;
+    const bool scatter_per_example = serial && !shared;
+
+    at::parallel_for(0, n_examples, scatter_per_example ? n_examples : grain_for((1 + k) * dim),
+                     [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> acc(dim), coefs(1 + k);
+      std::vector<int64_t> example_rows(1 + k), out_rows(1 + k);
+      for (int64_t i = begin; i < end; ++i) {
+        // The rows with a non-zero coefficient, in entry order (a zero one is never read).
+        int64_t m = 0;
+        for (int64_t j = 0; j <= (shared ? 0 : k); ++j) {
+          if (ignored(i, j)) continue;
+          example_rows[m] = j == 0 ? tp[i] : np[i * k + j - 1];
+          coefs[m++] = cp[i * (1 + k) + j];
+        }
+        if (shared) {
+          load_row(hidden_from_negs.const_data_ptr<acc_t>() + i * dim, acc.data(), dim);
+        } else {
+          std::fill(acc.begin(), acc.end(), acc_t(0));
+        }
+        axpy_rows(wp, w_stride, example_rows.data(), coefs.data(), m, acc.data(), dim);
+        store_row(acc.data(), ghp + i * dim, dim);
+        if (scatter_per_example) {
+          for (int64_t j = 0; j < m; ++j) {
+            out_rows[j] = orp != nullptr ? orp[example_rows[j]] : example_rows[j];
+          }
+          scatter_rows(hp + i * h_stride, out_rows.data(), coefs.data(), m, gwp, gbp, dim);
+        }
+      }
+    });
+    if (mode == WeightGrad::kNone || scatter_per_example) return;
+
+    std::vector<int64_t> entry_row(num_entries);
+    for_each_entry([&](int64_t e, int64_t r) { entry_row[e] = r; });
     const auto add_entries = [&](const auto& add_entry) {
       if constexpr (std::is_same_v<scalar_t, acc_t>) {
-        if (serial) return scatter_rows(entry_row, orp, dim, gwp, gbp, add_entry);
+        if (serial) return scatter_entries(entry_row, orp, dim, gwp, gbp, add_entry);
       }
-      sum_rows<scalar_t, acc_t>(*entries, orp, dim, gwp, gbp, add_entry);
+      sum_rows<scalar_t, acc_t>(EntriesByRow(entry_row, num_rows), orp, dim, gwp, gbp, add_entry);
     };
     if (shared) {
       const acc_t* gwn = grad_wn.const_data_ptr<acc_t>();
