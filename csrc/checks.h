@@ -45,17 +45,25 @@ inline void check_loss_args(const at::Tensor& weight, const std::optional<at::Te
 }
 
 // The CPU backends' host check of class indices, before any kernel reads memory through one:
-// each in [0, num_classes) (`bound` says what that is), or ignore_index where allowed. It reads
-// the values in logical order, whatever the tensor's strides.
+// each in [0, num_classes) (`bound` says what that is), or ignore_index where allowed. A
+// branch-free pass finds whether any is bad (it vectorizes); only then is the first bad one looked
+// up, in logical order whatever the tensor's strides, for the message.
 inline void check_class_indices(const at::Tensor& indices, int64_t num_classes, const char* name,
                                 bool has_ignore_index, int64_t ignore_index, const char* bound) {
   const auto values = indices.contiguous();
   const int64_t* p = values.const_data_ptr<int64_t>();
-  for (int64_t e = 0, n = values.numel(); e < n; ++e) {
-    const int64_t v = p[e];
-    TORCH_CHECK_VALUE((v >= 0 && v < num_classes) || (has_ignore_index && v == ignore_index),
-                      name, " holds the class index ", v, ", outside [0, ", num_classes, ") (",
-                      bound, ")");
+  const int64_t n = values.numel();
+  // One unsigned comparison covers v >= 0 and v < num_classes.
+  const auto good = [&](int64_t v) {
+    return static_cast<uint64_t>(v) < static_cast<uint64_t>(num_classes) ||
+           (has_ignore_index && v == ignore_index);
+  };
+  int64_t bad = 0;
+  for (int64_t e = 0; e < n; ++e) bad += !good(p[e]);
+  if (bad == 0) return;
+  for (int64_t e = 0; e < n; ++e) {
+    TORCH_CHECK_VALUE(good(p[e]), name, " holds the class index ", p[e], ", outside [0, ",
+                      num_classes, ") (", bound, ")");
   }
 }
 
