@@ -7,6 +7,9 @@ rounds of many calls) for
   forward           nce_loss forward under no_grad, negatives drawn inside the call
   forward+backward  nce_loss forward + backward, negatives drawn inside the call
   ... explicit      the same with explicit negatives (no sampling)
+  ... grads None    forward + backward with the .grad of hidden, weight and bias set to None
+                    after each call, as optimizer.zero_grad() leaves them: backward hands its
+                    gradients over instead of adding them into the old ones
   full softmax      F.linear + F.cross_entropy over all V classes, forward + backward
 Prints a table and writes a CSV.
 
@@ -94,13 +97,18 @@ def main() -> None:
     def forward_backward_explicit() -> None:
         fused_nce.nce_loss(hidden, weight, bias, target, sampler, negatives=negatives).backward()
 
+    def forward_backward_grads_none() -> None:
+        fused_nce.nce_loss(hidden, weight, bias, target, sampler, num_negatives=k).backward()
+        hidden.grad = weight.grad = bias.grad = None
+
     def full_softmax() -> None:
         F.cross_entropy(F.linear(hidden, weight, bias), target).backward()
 
     cases: Dict[str, Callable[[], None]] = {
         "floor": floor, "forward": forward, "forward+backward": forward_backward,
         "forward explicit": forward_explicit,
-        "forward+backward explicit": forward_backward_explicit, "full softmax": full_softmax}
+        "forward+backward explicit": forward_backward_explicit,
+        "forward+backward grads None": forward_backward_grads_none, "full softmax": full_softmax}
     meta = dict(device=f"{platform.processor() or platform.machine()} x{args.threads} threads",
                 torch=torch.__version__, date=datetime.date.today().isoformat(), n=n, dim=dim,
                 k=k, num_classes=v)
