@@ -62,33 +62,46 @@ at::Tensor rows_to_sparse(const at::Tensor& rows, const at::Tensor& values,
 // Reductions of the `reduction` argument; python/fused_nce/_ops.py mirrors them.
 enum Reduction : int64_t { kNone = 0, kSum = 1, kMean = 2 };
 
-// The number of examples not ignored (at least 1) as a 0-dim tensor of `dtype`, so that neither
-// division by it casts. Never read on the host where it was computed on a device; an ordinary CPU
-// target (not a fake or functional tensor traced by torch.compile) is counted in one pass here
-// instead of by three ops.
-at::Tensor count_kept(const at::Tensor& target, int64_t ignore_index, at::ScalarType dtype) {
-  const bool readable = target.is_cpu() && target.has_storage() &&
-                        !target.unsafeGetTensorImpl()->is_python_dispatch() &&
-                        !at::functionalization::impl::isFunctionalTensor(target);
-  if (readable) {
-    const auto values = target.contiguous();
-    const int64_t* tp = values.const_data_ptr<int64_t>();
-    int64_t kept = 0;
-    for (int64_t i = 0, n = values.numel(); i < n; ++i) kept += tp[i] != ignore_index;
-    return at::scalar_tensor(static_cast<double>(std::max<int64_t>(kept, 1)),
-                             at::TensorOptions().dtype(dtype));
-  }
-  return target.ne(ignore_index).sum(dtype).clamp_min_(1);
+// Whether a tensor's values can be read here: an ordinary CPU tensor, not a fake or functional
+// one traced by torch.compile. Values on a device are never read on the host.
+bool readable_on_host(const at::Tensor& t) {
+  return t.is_cpu() && t.has_storage() && !t.unsafeGetTensorImpl()->is_python_dispatch() &&
+         !at::functionalization::impl::isFunctionalTensor(t);
 }
 
-// The per-example loss reduced; the mean divides by count_kept, returned in `count` for the
-// backward.
+// The number of examples not ignored, at least 1, counted on the host.
+int64_t kept_on_host(const at::Tensor& target, int64_t ignore_index) {
+  const auto values = target.contiguous();
+  const int64_t* tp = values.const_data_ptr<int64_t>();
+  int64_t kept = 0;
+  for (int64_t i = 0, n = values.numel(); i < n; ++i) kept += tp[i] != ignore_index;
+  return std::max<int64_t>(kept, 1);
+}
+
+// The per-example loss reduced; the mean divides by the number of examples not ignored (at least
+// 1), returned in `count` for the backward as a 0-dim tensor of the loss dtype (neither division
+// by it casts). A readable float32 loss is summed here in float64, in one pass, and a readable
+// target counted in one pass: no sum, count or division ops, and the same order whatever the
+// thread count.
 at::Tensor reduce(const at::Tensor& loss, const at::Tensor& target, int64_t ignore_index,
                   int64_t reduction, at::Tensor* count) {
   TORCH_CHECK_VALUE(reduction >= kNone && reduction <= kMean, "unknown reduction ", reduction);
   if (reduction == kNone) return loss;
+  const bool host_target = readable_on_host(target);
+  if (loss.scalar_type() == at::kFloat && readable_on_host(loss) && host_target) {
+    const auto values = loss.contiguous();
+    const float* lp = values.const_data_ptr<float>();
+    double total = 0;
+    for (int64_t i = 0, n = values.numel(); i < n; ++i) total += lp[i];
+    if (reduction == kSum) return at::scalar_tensor(total, loss.options());
+    const int64_t kept = kept_on_host(target, ignore_index);
+    *count = at::scalar_tensor(static_cast<double>(kept), loss.options());
+    return at::scalar_tensor(total / static_cast<double>(kept), loss.options());
+  }
   if (reduction == kSum) return loss.sum();
-  *count = count_kept(target, ignore_index, loss.scalar_type());
+  *count = host_target ? at::scalar_tensor(static_cast<double>(kept_on_host(target, ignore_index)),
+                                           loss.options())
+                       : target.ne(ignore_index).sum(loss.scalar_type()).clamp_min_(1);
   return loss.sum() / *count;
 }
 
@@ -194,16 +207,6 @@ class SampledLoss : public torch::autograd::Function<SampledLoss> {
   }
 };
 
-at::Tensor sampled_loss_autograd(const at::Tensor& hidden, const at::Tensor& weight,
-                                 const OptTensor& bias, const at::Tensor& target,
-                                 const at::Tensor& negatives, const OptTensor& noise_probs,
-                                 const at::Tensor& log_z, int64_t objective,
-                                 bool remove_accidental_hits, int64_t ignore_index,
-                                 bool sparse_grad, int64_t reduction) {
-  return SampledLoss::apply(hidden, weight, bias, target, negatives, noise_probs, log_z, objective,
-                            remove_accidental_hits, ignore_index, sparse_grad, reduction);
-}
-
 // Below autograd (inference mode, or inside another op): the forward alone.
 at::Tensor sampled_loss_forward_only(const at::Tensor& hidden, const at::Tensor& weight,
                                      const OptTensor& bias, const at::Tensor& target,
@@ -215,6 +218,34 @@ at::Tensor sampled_loss_forward_only(const at::Tensor& hidden, const at::Tensor&
   return reduce(std::get<0>(call_forward(hidden, weight, bias, target, negatives, noise_probs,
                                          log_z, objective, remove_accidental_hits, ignore_index)),
                 target, ignore_index, reduction, &count);
+}
+
+at::Tensor sampled_loss_autograd(const at::Tensor& hidden, const at::Tensor& weight,
+                                 const OptTensor& bias, const at::Tensor& target,
+                                 const at::Tensor& negatives, const OptTensor& noise_probs,
+                                 const at::Tensor& log_z, int64_t objective,
+                                 bool remove_accidental_hits, int64_t ignore_index,
+                                 bool sparse_grad, int64_t reduction) {
+  // Whether Function::apply has anything to do: a gradient to record, or a forward-mode tangent
+  // (which it rejects with a clear error).
+  const auto any_of_inputs = [&](const auto& test) {
+    return test(hidden) || test(weight) || (bias.has_value() && bias->defined() && test(*bias)) ||
+           test(log_z);
+  };
+  const bool needs_function =
+      (at::GradMode::is_enabled() &&
+       any_of_inputs([](const at::Tensor& t) { return t.requires_grad(); })) ||
+      any_of_inputs([](const at::Tensor& t) { return t._fw_grad(/*level=*/0).defined(); });
+  if (!needs_function) {
+    // Nothing to differentiate (no_grad, or frozen inputs): the forward alone, without the
+    // graph node and saved tensors that Function::apply would make anyway.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return sampled_loss_forward_only(hidden, weight, bias, target, negatives, noise_probs, log_z,
+                                     objective, remove_accidental_hits, ignore_index, sparse_grad,
+                                     reduction);
+  }
+  return SampledLoss::apply(hidden, weight, bias, target, negatives, noise_probs, log_z, objective,
+                            remove_accidental_hits, ignore_index, sparse_grad, reduction);
 }
 
 }  // namespace
