@@ -23,6 +23,31 @@ def touched_rows(p, remove_hits):
     return rows
 
 
+@pytest.mark.parametrize("num_classes", [129, 200_003])
+def test_sparse_rows_at_word_edges_of_a_large_vocabulary(device, num_classes):
+    """Rows at the first and last of each 64-row word, and V's last row, among a few entries of
+    a large V: the row gradient lists exactly them, ascending, with the dense gradient's values."""
+    edges = sorted({0, 1, 62, 63, 64, 65, 127, 128, num_classes - 1})
+    target = torch.tensor([63, 0, 128, num_classes - 1, 64, 63], device=device)
+    negatives = torch.tensor([[1, 62, 65], [127, 64, 0], [63, 1, num_classes - 1],
+                              [128, 127, 62], [65, 65, 1], [0, 128, 64]], device=device)
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(6, 5, generator=g).to(device).requires_grad_()
+    weight = torch.randn(num_classes, 5, generator=g).to(device).requires_grad_()
+    bias = torch.randn(num_classes, generator=g).to(device).requires_grad_()
+    noise = torch.ones(num_classes, device=device)
+
+    def grads(sparse_grad):
+        loss = fused_nce.nce_loss(hidden, weight, bias, target, noise, negatives=negatives,
+                                  sparse_grad=sparse_grad)
+        return torch.autograd.grad(loss, (weight, bias))
+
+    dense, sparse = grads(False), grads(True)
+    for g_sparse, g_dense in zip(sparse, dense):
+        assert g_sparse.indices().tolist() == [edges]
+        torch.testing.assert_close(g_sparse.to_dense(), g_dense, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("objective", OBJECTIVES)
 @pytest.mark.parametrize("shared", [False, True], ids=["per_example", "shared"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)

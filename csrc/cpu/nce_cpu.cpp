@@ -341,13 +341,49 @@ struct EntriesByRow {
   bool touched(int64_t row) const { return start[row + 1] > start[row]; }
 };
 
+// The rows a row-sparse gradient holds: a bitmap over the V rows with the count of set bits before
+// each 64-row word, so that marking, numbering and looking up cost O(V / 64 + entries), not O(V)
+// (a step of a few thousand entries against V in the millions). Output row index(r) of a touched
+// row r is the number of touched rows below it: rows come out ascending.
+class TouchedRows {
+ public:
+  explicit TouchedRows(int64_t num_rows) : bits_((num_rows + 63) / 64, 0) {}
+  void mark(int64_t row) { bits_[row >> 6] |= uint64_t{1} << (row & 63); }
+  // Numbers the marked rows and returns how many there are.
+  int64_t count() {
+    rank_.resize(bits_.size());
+    int64_t total = 0;
+    for (size_t w = 0; w < bits_.size(); ++w) {
+      rank_[w] = total;
+      total += __builtin_popcountll(bits_[w]);
+    }
+    return total;
+  }
+  int64_t index(int64_t row) const {
+    const uint64_t below = bits_[row >> 6] & ((uint64_t{1} << (row & 63)) - 1);
+    return rank_[row >> 6] + __builtin_popcountll(below);
+  }
+  // The marked rows, ascending, into out.
+  void list(int64_t* out) const {
+    for (size_t w = 0; w < bits_.size(); ++w) {
+      for (uint64_t word = bits_[w]; word != 0; word &= word - 1) {
+        *out++ = static_cast<int64_t>(w) * 64 + __builtin_ctzll(word);
+      }
+    }
+  }
+
+ private:
+  std::vector<uint64_t> bits_;
+  std::vector<int64_t> rank_;
+};
+
 // Sums each row's entries into grad_weight / grad_bias. Each row is summed by one thread in entry
 // order: no races, and the result is bitwise reproducible whatever the thread count.
-// `out_row == nullptr`: dense output, every row is written, zeros included (sparing a separate
-// serial memset of [V, D]). Otherwise only touched rows are written, row r to out_row[r].
+// `touched == nullptr`: dense output, every row is written, zeros included (sparing a separate
+// serial memset of [V, D]). Otherwise only touched rows are written, row r to touched->index(r).
 // `add_entry(e, acc)` adds entry e's [D] contribution to acc and returns its bias contribution.
 template <typename scalar_t, typename acc_t, typename AddEntry>
-void sum_rows(const EntriesByRow& entries, const int64_t* out_row, int64_t dim,
+void sum_rows(const EntriesByRow& entries, const TouchedRows* touched, int64_t dim,
               scalar_t* grad_weight, scalar_t* grad_bias, const AddEntry& add_entry) {
   const auto& start = entries.start;
   const int64_t num_rows = static_cast<int64_t>(start.size()) - 1;
@@ -365,7 +401,7 @@ void sum_rows(const EntriesByRow& entries, const int64_t* out_row, int64_t dim,
     for (int64_t row = part_begin[begin]; row < part_begin[end]; ++row) {
       if (!entries.touched(row)) {
         // Dense output: an untouched row is zeros, written directly (no accumulator pass).
-        if (out_row == nullptr) {
+        if (touched == nullptr) {
           std::fill_n(grad_weight + row * dim, dim, scalar_t(0));
           if (grad_bias != nullptr) grad_bias[row] = scalar_t(0);
         }
@@ -376,7 +412,7 @@ void sum_rows(const EntriesByRow& entries, const int64_t* out_row, int64_t dim,
       for (int64_t p = start[row]; p < start[row + 1]; ++p) {
         bias_acc += add_entry(entries.order[p], acc.data());
       }
-      const int64_t out = out_row != nullptr ? out_row[row] : row;
+      const int64_t out = touched != nullptr ? touched->index(row) : row;
       store_row(acc.data(), grad_weight + out * dim, dim);
       if (grad_bias != nullptr) grad_bias[out] = static_cast<scalar_t>(bias_acc);
     }
@@ -387,12 +423,12 @@ void sum_rows(const EntriesByRow& entries, const int64_t* out_row, int64_t dim,
 // row, in entry order. These are the additions sum_rows makes, in the same order, so the result is
 // bitwise the same, without sorting the entries or a row accumulator (for acc_t == scalar_t).
 template <typename acc_t, typename AddEntry>
-void scatter_entries(const std::vector<int64_t>& entry_row, const int64_t* out_row, int64_t dim,
+void scatter_entries(const std::vector<int64_t>& entry_row, const TouchedRows* touched, int64_t dim,
                      acc_t* grad_weight, acc_t* grad_bias, const AddEntry& add_entry) {
   for (int64_t e = 0, n = static_cast<int64_t>(entry_row.size()); e < n; ++e) {
     const int64_t row = entry_row[e];
     if (row < 0) continue;
-    const int64_t out = out_row != nullptr ? out_row[row] : row;
+    const int64_t out = touched != nullptr ? touched->index(row) : row;
     const acc_t bias = add_entry(e, grad_weight + out * dim);
     if (grad_bias != nullptr) grad_bias[out] += bias;
   }
@@ -633,22 +669,15 @@ Gradients backward_cpu(const at::Tensor& grad_loss, const at::Tensor& coef,
         std::is_same_v<scalar_t, acc_t> && mode != WeightGrad::kNone &&
         (at::get_num_threads() == 1 || num_entries * dim <= kSerialScatterWork);
 
-    std::vector<int64_t> out_row;
+    std::optional<TouchedRows> touched;
     if (mode == WeightGrad::kRows) {
-      // Touched rows get their output index in ascending row order; the others stay -1.
-      out_row.assign(num_rows, -1);
+      touched.emplace(num_rows);
       for_each_entry([&](int64_t, int64_t r) {
-        if (r >= 0) out_row[r] = 0;
+        if (r >= 0) touched->mark(r);
       });
-      int64_t num_touched = 0;
-      for (int64_t r = 0; r < num_rows; ++r) {
-        if (out_row[r] == 0) out_row[r] = num_touched++;
-      }
+      const int64_t num_touched = touched->count();
       rows = at::empty({num_touched}, tgt.options());
-      int64_t* rp = rows.mutable_data_ptr<int64_t>();
-      for (int64_t r = 0; r < num_rows; ++r) {
-        if (out_row[r] >= 0) rp[out_row[r]] = r;
-      }
+      touched->list(rows.mutable_data_ptr<int64_t>());
       grad_weight = at::empty({num_touched, dim}, w.options());
       grad_bias = at::empty({has_bias ? num_touched : 0}, w.options());
     } else if (mode == WeightGrad::kDense) {
@@ -667,7 +696,7 @@ Gradients backward_cpu(const at::Tensor& grad_loss, const at::Tensor& coef,
         if (gbp != nullptr) std::fill_n(gbp, grad_bias.numel(), scalar_t(0));
       }
     }
-    const int64_t* orp = mode == WeightGrad::kRows ? out_row.data() : nullptr;
+    const TouchedRows* touched_rows = touched ? &*touched : nullptr;
     const bool scatter_per_example = serial && !shared;
 
     at::parallel_for(0, n_examples, scatter_per_example ? n_examples : grain_for((1 + k) * dim),
@@ -691,7 +720,8 @@ Gradients backward_cpu(const at::Tensor& grad_loss, const at::Tensor& coef,
         store_row(acc.data(), ghp + i * dim, dim);
         if (scatter_per_example) {
           for (int64_t j = 0; j < m; ++j) {
-            out_rows[j] = orp != nullptr ? orp[example_rows[j]] : example_rows[j];
+            out_rows[j] = touched_rows != nullptr ? touched_rows->index(example_rows[j])
+                                                 : example_rows[j];
           }
           scatter_rows(hp + i * h_stride, out_rows.data(), coefs.data(), m, gwp, gbp, dim);
         }
@@ -703,9 +733,10 @@ Gradients backward_cpu(const at::Tensor& grad_loss, const at::Tensor& coef,
     for_each_entry([&](int64_t e, int64_t r) { entry_row[e] = r; });
     const auto add_entries = [&](const auto& add_entry) {
       if constexpr (std::is_same_v<scalar_t, acc_t>) {
-        if (serial) return scatter_entries(entry_row, orp, dim, gwp, gbp, add_entry);
+        if (serial) return scatter_entries(entry_row, touched_rows, dim, gwp, gbp, add_entry);
       }
-      sum_rows<scalar_t, acc_t>(EntriesByRow(entry_row, num_rows), orp, dim, gwp, gbp, add_entry);
+      sum_rows<scalar_t, acc_t>(EntriesByRow(entry_row, num_rows), touched_rows, dim, gwp, gbp,
+                                add_entry);
     };
     if (shared) {
       const acc_t* gwn = grad_wn.const_data_ptr<acc_t>();
