@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 
 import fused_nce
 from fused_nce import reference
@@ -255,3 +256,18 @@ def test_inference_mode_no_grad_and_grad_mode_agree(device, reduction):
         p.target.shape if reduction == "none" else ())
     assert torch.equal(inference, no_grad)
     assert torch.equal(inference, with_grad.detach())
+    assert no_grad.grad_fn is None and with_grad.grad_fn is not None
+
+
+def test_frozen_inputs_record_no_graph_and_tangents_are_refused(device):
+    """Nothing requires grad: a plain tensor comes back, no graph node. A forward-mode tangent
+    is refused with autograd's error (the loss is differentiable in reverse mode only), not
+    dropped."""
+    p = make_problem(n=10, device=device)
+    frozen = fused_nce.nce_loss(p.hidden, p.weight, p.bias, p.target, p.sampler,
+                                negatives=p.negatives)
+    assert frozen.grad_fn is None and not frozen.requires_grad
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(p.hidden, torch.ones_like(p.hidden))
+        with pytest.raises(RuntimeError, match="jvp"):
+            fused_nce.nce_loss(dual, p.weight, p.bias, p.target, p.sampler, negatives=p.negatives)
