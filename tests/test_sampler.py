@@ -97,6 +97,21 @@ def test_draws_do_not_depend_on_thread_count():
     assert torch.equal(results[0], results[1])
 
 
+def test_cpu_draws_are_pinned():
+    """The CPU stream for a seed stays what it was: draws recorded from the portable Philox loop
+    (philox4x32_10 in nce_math.h). The AVX2 Philox, taken where the CPU has it, must give the same
+    draws, so a seed reproduces them on any x86-64 CPU."""
+    sampler = fused_nce.AliasSampler(torch.arange(1, 1001, dtype=torch.float64))
+    torch.manual_seed(2026)
+    draws = sampler.sample((3, 4099)).flatten()
+    assert draws[:5].tolist() == [560, 963, 734, 824, 979]
+    assert draws[-3:].tolist() == [919, 585, 858]
+    assert int((draws * torch.arange(1, draws.numel() + 1)).sum()) == 50002432166
+    explicit = sampler.sample((77,), generator=torch.Generator().manual_seed(7))
+    assert explicit[:6].tolist() == [691, 530, 680, 932, 237, 923]
+    assert int(explicit.sum()) == 50797
+
+
 def test_single_class_and_empty_draws(device):
     sampler = fused_nce.AliasSampler(torch.tensor([2.5]), device=device)
     assert sampler.num_classes == 1

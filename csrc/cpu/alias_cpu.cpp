@@ -33,11 +33,8 @@ FUSED_NCE_CLONES void philox_words(uint64_t first, int64_t count, uint64_t seed,
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define FUSED_NCE_PHILOX_AVX2 1
-// The same words eight counters at a time in AVX2, where the CPU has it: a 32 x 32 -> 64-bit
-// product is one even-lane multiply, so a round costs two multiplies per product and a few shifts
-// and blends; the compiler's vectorization of philox4x32_10 shuffles every product apart and back
-// (twice the time). `count` is a multiple of 8.
-// Low and high 32 bits of m * a in each 32-bit lane.
+// Low and high 32 bits of m * a in each 32-bit lane: even lanes by one unsigned multiply, odd
+// lanes by another after a shift, the halves blended back into place.
 __attribute__((target("avx2"))) inline void mulhilo_avx2(__m256i m, __m256i a, __m256i* lo,
                                                           __m256i* hi) {
   const __m256i even = _mm256_mul_epu32(a, m);
@@ -46,6 +43,11 @@ __attribute__((target("avx2"))) inline void mulhilo_avx2(__m256i m, __m256i a, _
   *hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
 }
 
+// philox_words eight counters at a time in AVX2, where the CPU has it: a round costs two
+// multiplies per product and a few shifts and blends, where the compiler's vectorization of
+// philox4x32_10 shuffles every product apart and back (twice the time). The rounds are
+// philox4x32_10's (nce_math.h); test_cpu_draws_are_pinned holds the two to the same draws.
+// `count` is a multiple of 8.
 __attribute__((target("avx2"))) void philox_words_avx2(uint64_t first, int64_t count,
                                                         uint64_t seed, uint32_t* r0,
                                                         uint32_t* r1, uint32_t* r2) {
