@@ -259,6 +259,8 @@ def test_inference_mode_no_grad_and_grad_mode_agree(device, reduction):
     assert no_grad.grad_fn is None and with_grad.grad_fn is not None
 
 
+# torch's forward-mode machinery scripts helpers on first use, under its own deprecation warning.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 def test_frozen_inputs_record_no_graph_and_tangents_are_refused(device):
     """Nothing requires grad: a plain tensor comes back, no graph node. A forward-mode tangent
     is refused with autograd's error (the loss is differentiable in reverse mode only), not
