@@ -612,10 +612,13 @@ Gradients backward_cpu(const at::Tensor& grad_loss, const at::Tensor& coef,
   const auto w = rows_of(weight);
   const auto tgt = target.contiguous();
   const auto neg = negatives.contiguous();
-  // Per-entry coefficients grad_loss[i] * dloss_i/ds_ij, [N, 1 + k].
-  const auto g = grad_loss.to(acc_dtype);
-  const auto scaled = (coef.to(acc_dtype) * (g.dim() == 0 ? g : g.unsqueeze(1))).contiguous();
   const bool shared = neg.dim() == 1;
+  // Per-entry coefficients grad_loss[i] * dloss_i/ds_ij, multiplied where they are read; shared
+  // negatives, whose GEMMs take them as a matrix, get them as one [N, 1 + k] product.
+  const auto g = grad_loss.to(acc_dtype).contiguous();
+  const auto coef_acc = coef.to(acc_dtype).contiguous();
+  const auto scaled =
+      shared ? (coef_acc * (g.dim() == 0 ? g : g.unsqueeze(1))).contiguous() : coef_acc;
   auto grad_hidden = at::empty({n_examples, dim}, h.options());
   at::Tensor rows, grad_weight, grad_bias;
 
@@ -628,6 +631,11 @@ Gradients backward_cpu(const at::Tensor& grad_loss, const at::Tensor& coef,
     const int64_t* tp = tgt.const_data_ptr<int64_t>();
     const int64_t* np = neg.const_data_ptr<int64_t>();
     const acc_t* cp = scaled.const_data_ptr<acc_t>();
+    const acc_t* gp = g.const_data_ptr<acc_t>();
+    const int64_t g_stride = g.dim() == 0 ? 0 : 1;
+    const auto coef_at = [&](int64_t i, int64_t j) {
+      return shared ? cp[i * (1 + k) + j] : cp[i * (1 + k) + j] * gp[i * g_stride];
+    };
     scalar_t* ghp = grad_hidden.mutable_data_ptr<scalar_t>();
 
     // Shared negatives: dL/dH = C_neg W_n and dL/dW_n = C_neg^T H are two GEMMs.
@@ -643,7 +651,7 @@ Gradients backward_cpu(const at::Tensor& grad_loss, const at::Tensor& coef,
 
     // Entries with a zero coefficient (ignored examples, dropped hits) touch nothing.
     const auto ignored = [&](int64_t i, int64_t j) {
-      return tp[i] == ignore_index || cp[i * (1 + k) + j] == 0;
+      return tp[i] == ignore_index || coef_at(i, j) == 0;
     };
     // The weight gradient's entries, in order: per example, e = i * (1 + k) + j is column j of
     // example i (the target, then the negatives); shared, entries 0..N-1 are the targets and
@@ -708,7 +716,7 @@ Gradients backward_cpu(const at::Tensor& grad_loss, const at::Tensor& coef,
         for (int64_t j = 0; j <= (shared ? 0 : k); ++j) {
           if (ignored(i, j)) continue;
           example_rows[m] = j == 0 ? tp[i] : np[i * k + j - 1];
-          coefs[m++] = cp[i * (1 + k) + j];
+          coefs[m++] = coef_at(i, j);
         }
         if (shared) {
           load_row(hidden_from_negs.const_data_ptr<acc_t>() + i * dim, acc.data(), dim);
@@ -742,7 +750,7 @@ Gradients backward_cpu(const at::Tensor& grad_loss, const at::Tensor& coef,
       const acc_t* gbn = grad_bn.const_data_ptr<acc_t>();
       add_entries([&](int64_t e, acc_t* acc) {
         if (e < n_examples) {
-          const acc_t c = cp[e * (1 + k)];
+          const acc_t c = coef_at(e, 0);
           axpy(c, hp + e * h_stride, acc, dim);
           return c;
         }
@@ -751,8 +759,9 @@ Gradients backward_cpu(const at::Tensor& grad_loss, const at::Tensor& coef,
       });
     } else {
       add_entries([&](int64_t e, acc_t* acc) {
-        const acc_t c = cp[e];
-        axpy(c, hp + (e / (1 + k)) * h_stride, acc, dim);
+        const int64_t i = e / (1 + k);
+        const acc_t c = coef_at(i, e - i * (1 + k));
+        axpy(c, hp + i * h_stride, acc, dim);
         return c;
       });
     }
