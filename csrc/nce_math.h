@@ -57,8 +57,8 @@ struct Term {
 // u = 1 + e as rounded and log_u = log(u). softplus(x) = max(x, 0) + log1p(e) and sigmoid(x) =
 // 1 / u or e / u, both from the one e <= 1 (never exp of a positive). log1p(e) is
 // log(u) * e / (u - 1): as accurate as log1p (the rounding of u cancels; Goldberg 1991,
-// Theorem 4) for a log and a division. The CPU computes the parts of a whole example at once with
-// vector exp / log (nce_cpu.cpp); binary_term computes them one at a time.
+// Theorem 4) for a log and a division. The CPU computes the parts of a block of examples at once
+// with vector exp / log (nce_cpu.cpp); binary_term computes them one at a time.
 template <typename T>
 FUSED_NCE_HD Term<T> binary_term_from_parts(bool positive, T x, T e, T u, T log_u) {
   const T log1p_e = u == T(1) ? e : log_u * (e / (u - T(1)));

@@ -434,26 +434,12 @@ void scatter_entries(const std::vector<int64_t>& entry_row, const TouchedRows* t
 }
 
 // base[rows[j]] += coefs[j] * x and bias[rows[j]] += coefs[j] (bias may be null) for j < count,
-// in order (rows may repeat): one example's entries in scatter_entries' arithmetic.
-FUSED_NCE_CLONES void scatter_rows_f32(const float* __restrict x, const int64_t* rows,
-                                       const float* coefs, int64_t count,
-                                       float* __restrict base, float* bias, int64_t n) {
-  for (int64_t j = 0; j < count; ++j) {
-    float* __restrict y = base + rows[j] * n;
-    const float c = coefs[j];
-#pragma omp simd
-    for (int64_t d = 0; d < n; ++d) y[d] += c * x[d];
-    if (bias != nullptr) bias[rows[j]] += c;
-  }
-}
-
-// The serial path only (acc_t == scalar_t: entries are added into the output rows themselves).
+// in order (rows may repeat): one example's entries in scatter_entries' arithmetic. The serial
+// path only (acc_t == scalar_t: entries are added into the output rows themselves).
 template <typename scalar_t, typename acc_t>
 void scatter_rows(const scalar_t* x, const int64_t* rows, const acc_t* coefs, int64_t count,
                   scalar_t* base, scalar_t* bias, int64_t n) {
-  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
-    scatter_rows_f32(x, rows, coefs, count, base, bias, n);
-  } else if constexpr (std::is_same_v<scalar_t, acc_t>) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
     for (int64_t j = 0; j < count; ++j) {
       axpy(coefs[j], x, base + rows[j] * n, n);
       if (bias != nullptr) bias[rows[j]] += coefs[j];

@@ -115,7 +115,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock* kWarpSize, 4)
   __syncwarp();
 
   // Logits, loss and dloss/dscore: lane l takes columns l, l + 32, ... (the CPU's
-  // example_loss_and_grad, nce_cpu.cpp, is the same nce_math.h terms, one example at a time).
+  // block_loss_and_grad, nce_cpu.cpp, is the same nce_math.h terms, 16 examples at a time).
   const auto dropped = [&](int64_t j) {
     return j > 0 && opt.remove_accidental_hits && p.column_class(i, j) == t;
   };
