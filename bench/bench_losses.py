@@ -41,7 +41,7 @@ class PeakMemory:
 
     CUDA: the caching allocator's peak. CPU: the process's resident-set high-water mark, reset
     with /proc/self/clear_refs; while it is measured, malloc returns large blocks to the system at
-    once so freed memory is not hidden in its cache. Timed runs use the thresholds that glibc's
+    once, and fused_nce its spare gradient buffers, so freed memory is not hidden in a cache. Timed runs use the thresholds that glibc's
     dynamic ones settle at in a training loop (32 MB), not the measuring ones: otherwise every
     buffer over 1 MB would be a fresh mapping whose page faults each step pays.
     """
@@ -68,6 +68,7 @@ class PeakMemory:
         else:
             self._malloc_thresholds(1 << 20)
             self.libc.malloc_trim(0)
+            fused_nce.release_cpu_buffers()  # the spare gradient buffers count as new memory
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
             self.base = self._cpu_status("VmRSS")

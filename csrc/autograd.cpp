@@ -163,6 +163,9 @@ class SampledLoss : public torch::autograd::Function<SampledLoss> {
         find_op<BackwardRowsSig>("fused_nce::sampled_loss_backward_rows");
     static const auto backward_hidden =
         find_op<BackwardHiddenSig>("fused_nce::sampled_loss_backward_hidden");
+    // The ops below have no gradient of their own: skip the Autograd dispatch key (a boxed
+    // fallback that inspects every argument) and call their kernels directly.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &hidden = saved[0], &weight = saved[1], &target = saved[2],
                      &negatives = saved[3], &coef = saved[4], &count = saved[5];

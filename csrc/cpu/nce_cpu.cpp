@@ -20,6 +20,7 @@
 #include "../fused_nce.h"
 #include "../nce_math.h"
 #include "clones.h"
+#include "reused_buffers.h"
 #include "rows.h"
 
 namespace fused_nce {
@@ -675,7 +676,7 @@ Gradients backward_cpu(const at::Tensor& grad_loss, const at::Tensor& coef,
       grad_bias = at::empty({has_bias ? num_touched : 0}, w.options());
     } else if (mode == WeightGrad::kDense) {
       rows = at::empty({0}, tgt.options());
-      grad_weight = at::empty({num_rows, dim}, w.options());
+      grad_weight = empty_reused({num_rows, dim}, w.options());
       grad_bias = at::empty({has_bias ? num_rows : 0}, w.options());
     }
     scalar_t* gwp = nullptr;
@@ -697,12 +698,16 @@ Gradients backward_cpu(const at::Tensor& grad_loss, const at::Tensor& coef,
       std::vector<acc_t> acc(dim), coefs(1 + k);
       std::vector<int64_t> example_rows(1 + k), out_rows(1 + k);
       for (int64_t i = begin; i < end; ++i) {
-        // The rows with a non-zero coefficient, in entry order (a zero one is never read).
+        // The rows with a non-zero coefficient, in entry order (a zero one is never read); an
+        // ignored example has none.
         int64_t m = 0;
-        for (int64_t j = 0; j <= (shared ? 0 : k); ++j) {
-          if (ignored(i, j)) continue;
-          example_rows[m] = j == 0 ? tp[i] : np[i * k + j - 1];
-          coefs[m++] = coef_at(i, j);
+        if (tp[i] != ignore_index) {
+          for (int64_t j = 0; j <= (shared ? 0 : k); ++j) {
+            const acc_t c = coef_at(i, j);
+            if (c == 0) continue;
+            example_rows[m] = j == 0 ? tp[i] : np[i * k + j - 1];
+            coefs[m++] = c;
+          }
         }
         if (shared) {
           load_row(hidden_from_negs.const_data_ptr<acc_t>() + i * dim, acc.data(), dim);

@@ -10,7 +10,7 @@ from .functional import (
 from .modules import NCELoss
 from .retrieval import FrequencyEstimator, in_batch_softmax_loss
 from .sampler import AliasSampler, log_uniform_weights, unigram_weights
-from .utils import init_output_bias_, log_partition
+from .utils import init_output_bias_, log_partition, release_cpu_buffers
 from . import optim
 
 __version__ = "0.1.0"
@@ -28,6 +28,7 @@ __all__ = [
     "negative_sampling_loss",
     "optim",
     "reference",
+    "release_cpu_buffers",
     "sampled_softmax_loss",
     "unigram_weights",
 ]

@@ -110,3 +110,26 @@ def log_partition(hidden: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
         logits = F.linear(rows, weight[start:start + step].to(acc), chunk_bias)
         chunk_lse.append(torch.logsumexp(logits, dim=1))
     return torch.logsumexp(torch.stack(chunk_lse, dim=1), dim=1)
+
+
+def release_cpu_buffers() -> int:
+    """Unmap the spare CPU gradient buffers; returns the bytes released.
+
+    A dense ``weight`` gradient of 32 MiB or more (``[V, D]`` at large V) is made on every CPU
+    backward and usually dropped at the next ``optimizer.zero_grad()``. Its memory is then kept
+    (at most two such buffers) and the next gradient of the same size reuses it, skipping the
+    page faults and the kernel's zeroing of a fresh mapping. Call this when training is over, or
+    before measuring memory, to give that memory back to the system.
+    """
+    from ._ops import ops
+
+    released: int = ops.release_cpu_buffers()
+    return released
+
+
+def spare_cpu_buffer_bytes() -> int:
+    """The bytes held in spare CPU gradient buffers (see :func:`release_cpu_buffers`)."""
+    from ._ops import ops
+
+    nbytes: int = ops.cpu_buffer_bytes()
+    return nbytes

@@ -1,0 +1,129 @@
+#include "reused_buffers.h"
+
+#include <torch/library.h>
+
+#include <mutex>
+#include <utility>
+#include <vector>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+namespace fused_nce {
+namespace {
+
+#if defined(__linux__)
+// At most this many spare buffers: a training loop that drops its gradient before the next
+// backward needs one; one more covers a second parameter or gradient accumulation's extra copy.
+constexpr size_t kMaxSpares = 2;
+constexpr size_t kHugePage = size_t{2} << 20;
+
+class SpareBuffers {
+ public:
+  // A mapping of `bytes` (a multiple of kHugePage): a spare one of that size, else a fresh one.
+  void* take(size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      for (auto it = spares_.begin(); it != spares_.end(); ++it) {
+        if (it->second == bytes) {
+          void* data = it->first;
+          spares_.erase(it);
+          return data;
+        }
+      }
+    }
+    void* data = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (data == MAP_FAILED) return nullptr;
+#if defined(MADV_HUGEPAGE)
+    madvise(data, bytes, MADV_HUGEPAGE);
+#endif
+    return data;
+  }
+
+  void give_back(void* data, size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (spares_.size() < kMaxSpares) {
+        spares_.emplace_back(data, bytes);
+        return;
+      }
+    }
+    munmap(data, bytes);
+  }
+
+  int64_t release() {
+    std::vector<std::pair<void*, size_t>> spares;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      spares.swap(spares_);
+    }
+    int64_t released = 0;
+    for (const auto& [data, bytes] : spares) {
+      munmap(data, bytes);
+      released += static_cast<int64_t>(bytes);
+    }
+    return released;
+  }
+
+  int64_t bytes() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    int64_t total = 0;
+    for (const auto& spare : spares_) total += static_cast<int64_t>(spare.second);
+    return total;
+  }
+
+ private:
+  std::mutex mutex_;
+  std::vector<std::pair<void*, size_t>> spares_;
+};
+
+// Never destroyed: a tensor freed during interpreter shutdown still finds it.
+SpareBuffers& spare_buffers() {
+  static auto* buffers = new SpareBuffers();
+  return *buffers;
+}
+#endif
+
+}  // namespace
+
+at::Tensor empty_reused(at::IntArrayRef sizes, const at::TensorOptions& options) {
+#if defined(__linux__)
+  int64_t numel = 1;
+  for (const int64_t size : sizes) numel *= size;
+  const int64_t nbytes = numel * static_cast<int64_t>(c10::elementSize(
+                                     c10::typeMetaToScalarType(options.dtype())));
+  if (nbytes >= kReusedBufferBytes) {
+    const size_t bytes = (static_cast<size_t>(nbytes) + kHugePage - 1) / kHugePage * kHugePage;
+    void* data = spare_buffers().take(bytes);
+    if (data != nullptr) {
+      return at::from_blob(
+          data, sizes, [bytes](void* p) { spare_buffers().give_back(p, bytes); },
+          options.device(at::kCPU));
+    }
+  }
+#endif
+  return at::empty(sizes, options);
+}
+
+int64_t release_reused_buffers() {
+#if defined(__linux__)
+  return spare_buffers().release();
+#else
+  return 0;
+#endif
+}
+
+int64_t reused_buffer_bytes() {
+#if defined(__linux__)
+  return spare_buffers().bytes();
+#else
+  return 0;
+#endif
+}
+
+TORCH_LIBRARY_FRAGMENT(fused_nce, m) {
+  m.def("release_cpu_buffers() -> int", &release_reused_buffers);
+  m.def("cpu_buffer_bytes() -> int", &reused_buffer_bytes);
+}
+
+}  // namespace fused_nce

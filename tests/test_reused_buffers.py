@@ -1,0 +1,69 @@
+"""CPU dense weight gradients of 32 MiB or more reuse the memory of the last one dropped."""
+
+import pytest
+import torch
+
+import fused_nce
+from fused_nce import reference
+from helpers import make_problem
+
+# [V, D] float32 of 33 MiB: over the reuse threshold.
+NUM_CLASSES, DIM = 135_000, 64
+
+
+def dense_grads(p, objective, hidden, weight, bias, negatives):
+    fn = getattr(fused_nce, f"{objective}_loss")
+    loss = fn(hidden, weight, bias, p.target, p.sampler, negatives=negatives)
+    return torch.autograd.grad(loss, (hidden, weight, bias))
+
+
+@pytest.mark.parametrize("objective", ["nce", "sampled_softmax"])
+@pytest.mark.parametrize("shared", [False, True], ids=["per_example", "shared"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_reused_buffer_holds_only_the_new_gradient(objective, shared, threads):
+    """The second gradient lands in the first one's memory (its old rows still there) and must
+    equal the reference: every row is written, zeros included."""
+    p = make_problem(n=37, dim=DIM, num_classes=NUM_CLASSES, k=6, shared=shared)
+    hidden, weight, bias = p.leaves()
+    other = torch.randint(0, NUM_CLASSES, p.negatives.shape, generator=torch.Generator().manual_seed(1))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        fused_nce.release_cpu_buffers()
+        first = dense_grads(p, objective, hidden, weight, bias, p.negatives)[1]
+        address = first.data_ptr()
+        del first  # its memory becomes the spare buffer
+        assert fused_nce.utils.spare_cpu_buffer_bytes() >= NUM_CLASSES * DIM * 4
+        grads = dense_grads(p, objective, hidden, weight, bias, other)
+        assert grads[1].data_ptr() == address
+        assert fused_nce.utils.spare_cpu_buffer_bytes() == 0
+    finally:
+        torch.set_num_threads(previous)
+    ref_fn = getattr(reference, f"{objective}_loss")
+    h, w, b = (t.detach().double().requires_grad_() for t in (hidden, weight, bias))
+    ref_loss = ref_fn(h, w, b, p.target, p.sampler.probs.double(), other)
+    expected = torch.autograd.grad(ref_loss, (h, w, b))
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_release_gives_the_spare_buffers_back():
+    p = make_problem(n=8, dim=DIM, num_classes=NUM_CLASSES, k=3)
+    hidden, weight, bias = p.leaves()
+    fused_nce.release_cpu_buffers()
+    grads = [dense_grads(p, "nce", hidden, weight, bias, p.negatives)[1] for _ in range(3)]
+    del grads  # three buffers dropped: two are kept, the third unmapped
+    nbytes = fused_nce.utils.spare_cpu_buffer_bytes()
+    assert NUM_CLASSES * DIM * 4 * 2 <= nbytes < NUM_CLASSES * DIM * 4 * 2 + (8 << 20)
+    assert fused_nce.release_cpu_buffers() == nbytes
+    assert fused_nce.utils.spare_cpu_buffer_bytes() == 0
+    assert fused_nce.release_cpu_buffers() == 0
+
+
+def test_small_gradients_use_the_ordinary_allocator():
+    p = make_problem(n=8, dim=8, num_classes=1000, k=3)
+    hidden, weight, bias = p.leaves()
+    fused_nce.release_cpu_buffers()
+    grad = dense_grads(p, "nce", hidden, weight, bias, p.negatives)[1]
+    del grad
+    assert fused_nce.utils.spare_cpu_buffer_bytes() == 0
