@@ -67,3 +67,40 @@ def test_small_gradients_use_the_ordinary_allocator():
     grad = dense_grads(p, "nce", hidden, weight, bias, p.negatives)[1]
     del grad
     assert fused_nce.utils.spare_cpu_buffer_bytes() == 0
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_sparse_rows_reuse_a_buffer_of_about_their_size(threads):
+    """The [U, D] rows of a sparse gradient take a spare buffer up to a quarter larger than they
+    need (U changes from step to step), old rows and all, and equal the dense gradient's rows."""
+    num_classes = 2 * NUM_CLASSES
+    p = make_problem(n=400, dim=DIM, num_classes=num_classes, k=4, ignore_every=0)
+    hidden, weight, bias = p.leaves()
+    first = torch.randint(0, num_classes, (400, 1_500), generator=torch.Generator().manual_seed(2))
+    second = first[:, :1_400]  # fewer rows touched: U shrinks by a few percent
+
+    def grad(negatives, sparse_grad):
+        loss = fused_nce.nce_loss(hidden, weight, bias, p.target, p.sampler, negatives=negatives,
+                                  sparse_grad=sparse_grad)
+        return torch.autograd.grad(loss, weight)[0]
+
+    def check_rows(sparse, dense):
+        assert sparse.values().nbytes >= 32 << 20
+        torch.testing.assert_close(sparse.values(), dense[sparse.indices()[0]], rtol=0, atol=0)
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        fused_nce.release_cpu_buffers()
+        dense = grad(first, False)
+        sparse = grad(first, True)
+        check_rows(sparse, dense)
+        address, size = sparse.values().data_ptr(), sparse.values().nbytes
+        del sparse, dense  # both buffers become spares
+        dense = grad(second, False)  # takes its own size back
+        sparse = grad(second, True)
+        assert sparse.values().nbytes < size
+        assert sparse.values().data_ptr() == address
+        check_rows(sparse, dense)
+    finally:
+        torch.set_num_threads(previous)

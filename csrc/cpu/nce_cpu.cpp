@@ -672,7 +672,7 @@ Gradients backward_cpu(const at::Tensor& grad_loss, const at::Tensor& coef,
       const int64_t num_touched = touched->count();
       rows = at::empty({num_touched}, tgt.options());
       touched->list(rows.mutable_data_ptr<int64_t>());
-      grad_weight = at::empty({num_touched, dim}, w.options());
+      grad_weight = empty_reused({num_touched, dim}, w.options());
       grad_bias = at::empty({has_bias ? num_touched : 0}, w.options());
     } else if (mode == WeightGrad::kDense) {
       rows = at::empty({0}, tgt.options());

@@ -20,16 +20,24 @@ constexpr size_t kHugePage = size_t{2} << 20;
 
 class SpareBuffers {
  public:
-  // A mapping of `bytes` (a multiple of kHugePage): a spare one of that size, else a fresh one.
-  void* take(size_t bytes) {
+  // A mapping of at least `bytes` (a multiple of kHugePage), its size in `*mapped`: the smallest
+  // spare one no more than a quarter larger (a row gradient's size varies from step to step with
+  // the rows touched), else a fresh one.
+  void* take(size_t bytes, size_t* mapped) {
     {
       std::lock_guard<std::mutex> lock(mutex_);
+      auto best = spares_.end();
       for (auto it = spares_.begin(); it != spares_.end(); ++it) {
-        if (it->second == bytes) {
-          void* data = it->first;
-          spares_.erase(it);
-          return data;
+        if (it->second >= bytes && it->second <= bytes + bytes / 4 &&
+            (best == spares_.end() || it->second < best->second)) {
+          best = it;
         }
+      }
+      if (best != spares_.end()) {
+        void* data = best->first;
+        *mapped = best->second;
+        spares_.erase(best);
+        return data;
       }
     }
     void* data = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -37,6 +45,7 @@ class SpareBuffers {
 #if defined(MADV_HUGEPAGE)
     madvise(data, bytes, MADV_HUGEPAGE);
 #endif
+    *mapped = bytes;
     return data;
   }
 
@@ -94,10 +103,11 @@ at::Tensor empty_reused(at::IntArrayRef sizes, const at::TensorOptions& options)
                                      c10::typeMetaToScalarType(options.dtype())));
   if (nbytes >= kReusedBufferBytes) {
     const size_t bytes = (static_cast<size_t>(nbytes) + kHugePage - 1) / kHugePage * kHugePage;
-    void* data = spare_buffers().take(bytes);
+    size_t mapped = 0;
+    void* data = spare_buffers().take(bytes, &mapped);
     if (data != nullptr) {
       return at::from_blob(
-          data, sizes, [bytes](void* p) { spare_buffers().give_back(p, bytes); },
+          data, sizes, [mapped](void* p) { spare_buffers().give_back(p, mapped); },
           options.device(at::kCPU));
     }
   }

@@ -1,7 +1,8 @@
 // Large CPU gradients made on every step and dropped at the next zero_grad() (the dense [V, D]
-// weight gradient): their memory is kept when the tensor dies and handed to the next one of the
-// same size. A fresh mapping costs a page fault and the kernel's zeroing of every page before the
-// kernel writes the gradient anyway; writing memory already mapped costs only the write.
+// weight gradient, the [U, D] rows of a sparse one): their memory is kept when the tensor dies and
+// handed to the next one of about the same size. A fresh mapping costs a page fault and the
+// kernel's zeroing of every page before the kernel writes the gradient anyway; writing memory
+// already mapped costs only the write.
 #pragma once
 
 #include <ATen/ATen.h>
