@@ -91,12 +91,10 @@ SpareBuffers& spare_buffers() {
   static auto* buffers = new SpareBuffers();
   return *buffers;
 }
-#endif
 
 }  // namespace
 
 at::Tensor empty_reused(at::IntArrayRef sizes, const at::TensorOptions& options) {
-#if defined(__linux__)
   int64_t numel = 1;
   for (const int64_t size : sizes) numel *= size;
   const int64_t nbytes = numel * static_cast<int64_t>(c10::elementSize(
@@ -111,25 +109,26 @@ at::Tensor empty_reused(at::IntArrayRef sizes, const at::TensorOptions& options)
           options.device(at::kCPU));
     }
   }
-#endif
   return at::empty(sizes, options);
 }
 
-int64_t release_reused_buffers() {
-#if defined(__linux__)
-  return spare_buffers().release();
-#else
-  return 0;
-#endif
+int64_t release_reused_buffers() { return spare_buffers().release(); }
+
+int64_t reused_buffer_bytes() { return spare_buffers().bytes(); }
+
+#else  // No mmap: the ordinary allocator, nothing kept.
+
+}  // namespace
+
+at::Tensor empty_reused(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return at::empty(sizes, options);
 }
 
-int64_t reused_buffer_bytes() {
-#if defined(__linux__)
-  return spare_buffers().bytes();
-#else
-  return 0;
+int64_t release_reused_buffers() { return 0; }
+
+int64_t reused_buffer_bytes() { return 0; }
+
 #endif
-}
 
 TORCH_LIBRARY_FRAGMENT(fused_nce, m) {
   m.def("release_cpu_buffers() -> int", &release_reused_buffers);
