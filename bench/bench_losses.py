@@ -41,9 +41,10 @@ class PeakMemory:
 
     CUDA: the caching allocator's peak. CPU: the process's resident-set high-water mark, reset
     with /proc/self/clear_refs; while it is measured, malloc returns large blocks to the system at
-    once, and fused_nce its spare gradient buffers, so freed memory is not hidden in a cache. Timed runs use the thresholds that glibc's
-    dynamic ones settle at in a training loop (32 MB), not the measuring ones: otherwise every
-    buffer over 1 MB would be a fresh mapping whose page faults each step pays.
+    once, and fused_nce its spare gradient buffers, so freed memory is not hidden in a cache.
+    Timed runs use the thresholds that glibc's dynamic ones settle at in a training loop (32 MB),
+    not the measuring ones: otherwise every buffer over 1 MB would be a fresh mapping whose page
+    faults each step pays.
     """
 
     def __init__(self, device: torch.device):

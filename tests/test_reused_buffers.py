@@ -1,4 +1,6 @@
-"""CPU dense weight gradients of 32 MiB or more reuse the memory of the last one dropped."""
+"""CPU weight gradients of 32 MiB or more (dense, or a sparse one's rows) reuse dropped memory."""
+
+import multiprocessing
 
 import pytest
 import torch
@@ -104,3 +106,31 @@ def test_sparse_rows_reuse_a_buffer_of_about_their_size(threads):
         check_rows(sparse, dense)
     finally:
         torch.set_num_threads(previous)
+
+
+def _backward_in_child(p, address):
+    torch.set_num_threads(1)  # no OpenMP pool in a forked child
+    hidden, weight, bias = p.leaves()
+    grad = dense_grads(p, "nce", hidden, weight, bias, p.negatives)[1]
+    assert grad.data_ptr() == address  # the spare inherited from the parent
+    torch.testing.assert_close(grad, dense_grads(p, "nce", hidden, weight, bias, p.negatives)[1],
+                               rtol=0, atol=0)
+
+
+def test_a_forked_child_takes_the_inherited_spare():
+    """fork() holds the spare list's lock across the fork: the child finds it unlocked, takes
+    the parent's spare buffer (its own copy-on-write mapping) and gives it back."""
+    p = make_problem(n=8, dim=DIM, num_classes=NUM_CLASSES, k=3)
+    hidden, weight, bias = p.leaves()
+    fused_nce.release_cpu_buffers()
+    grad = dense_grads(p, "nce", hidden, weight, bias, p.negatives)[1]
+    address = grad.data_ptr()
+    del grad
+    child = multiprocessing.get_context("fork").Process(target=_backward_in_child,
+                                                         args=(p, address))
+    child.start()
+    child.join(timeout=120)
+    if child.is_alive():
+        child.kill()
+    assert child.exitcode == 0
+    assert fused_nce.utils.spare_cpu_buffer_bytes() >= NUM_CLASSES * DIM * 4  # the parent's own

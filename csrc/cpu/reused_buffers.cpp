@@ -6,6 +6,7 @@
 #include <utility>
 #include <vector>
 #if defined(__linux__)
+#include <pthread.h>
 #include <sys/mman.h>
 #endif
 
@@ -81,14 +82,24 @@ class SpareBuffers {
     return total;
   }
 
+  // Held across fork() (see spare_buffers).
+  void lock() { mutex_.lock(); }
+  void unlock() { mutex_.unlock(); }
+
  private:
   std::mutex mutex_;
   std::vector<std::pair<void*, size_t>> spares_;
 };
 
-// Never destroyed: a tensor freed during interpreter shutdown still finds it.
+// Never destroyed: a tensor freed during interpreter shutdown still finds it. The list is locked
+// across fork(), so a child (a DataLoader worker) never inherits it locked by another thread.
 SpareBuffers& spare_buffers() {
-  static auto* buffers = new SpareBuffers();
+  static auto* buffers = [] {
+    auto* made = new SpareBuffers();
+    pthread_atfork([] { spare_buffers().lock(); }, [] { spare_buffers().unlock(); },
+                   [] { spare_buffers().unlock(); });
+    return made;
+  }();
   return *buffers;
 }
 

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._ops import ops
+
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
@@ -115,21 +117,18 @@ def log_partition(hidden: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
 def release_cpu_buffers() -> int:
     """Unmap the spare CPU gradient buffers; returns the bytes released.
 
-    A dense ``weight`` gradient of 32 MiB or more (``[V, D]`` at large V) is made on every CPU
-    backward and usually dropped at the next ``optimizer.zero_grad()``. Its memory is then kept
-    (at most two such buffers) and the next gradient of the same size reuses it, skipping the
-    page faults and the kernel's zeroing of a fresh mapping. Call this when training is over, or
-    before measuring memory, to give that memory back to the system.
+    A ``weight`` gradient of 32 MiB or more (the dense ``[V, D]`` one at large V, or the
+    ``[U, D]`` rows of a sparse one) is made on every CPU backward and usually dropped at the next
+    ``optimizer.zero_grad()``. Its memory is then kept (at most two such buffers) and the next
+    gradient that needs at least four fifths of it reuses it, skipping the page faults and the
+    kernel's zeroing of a fresh mapping. Call this when training is over, or before measuring
+    memory, to give that memory back to the system.
     """
-    from ._ops import ops
-
     released: int = ops.release_cpu_buffers()
     return released
 
 
 def spare_cpu_buffer_bytes() -> int:
     """The bytes held in spare CPU gradient buffers (see :func:`release_cpu_buffers`)."""
-    from ._ops import ops
-
     nbytes: int = ops.cpu_buffer_bytes()
     return nbytes
