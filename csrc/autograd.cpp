@@ -88,21 +88,21 @@ at::Tensor reduce(const at::Tensor& loss, const at::Tensor& target, int64_t igno
   TORCH_CHECK_VALUE(reduction >= kNone && reduction <= kMean, "unknown reduction ", reduction);
   if (reduction == kNone) return loss;
   const bool host_target = readable_on_host(target);
+  const double kept = reduction == kMean && host_target
+                          ? static_cast<double>(kept_on_host(target, ignore_index))
+                          : 1.0;
+  if (reduction == kMean) {
+    *count = host_target ? at::scalar_tensor(kept, loss.options())
+                         : target.ne(ignore_index).sum(loss.scalar_type()).clamp_min_(1);
+  }
   if (loss.scalar_type() == at::kFloat && readable_on_host(loss) && host_target) {
     const auto values = loss.contiguous();
     const float* lp = values.const_data_ptr<float>();
     double total = 0;
     for (int64_t i = 0, n = values.numel(); i < n; ++i) total += lp[i];
-    if (reduction == kSum) return at::scalar_tensor(total, loss.options());
-    const int64_t kept = kept_on_host(target, ignore_index);
-    *count = at::scalar_tensor(static_cast<double>(kept), loss.options());
-    return at::scalar_tensor(total / static_cast<double>(kept), loss.options());
+    return at::scalar_tensor(total / kept, loss.options());
   }
-  if (reduction == kSum) return loss.sum();
-  *count = host_target ? at::scalar_tensor(static_cast<double>(kept_on_host(target, ignore_index)),
-                                           loss.options())
-                       : target.ne(ignore_index).sum(loss.scalar_type()).clamp_min_(1);
-  return loss.sum() / *count;
+  return reduction == kSum ? loss.sum() : loss.sum() / *count;
 }
 
 // The loss reduced by `reduction` (kMean: over the examples not ignored); differentiable in hidden,

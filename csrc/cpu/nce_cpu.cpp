@@ -10,9 +10,6 @@
 #include <cmath>
 #include <cstring>
 #include <optional>
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 #include <type_traits>
 #include <vector>
 
@@ -306,20 +303,6 @@ void check_inputs(const at::Tensor& hidden, const at::Tensor& weight,
   constexpr const char* kBound = "the number of rows of weight";
   check_class_indices(target, weight.size(0), "target", true, ignore_index, kBound);
   check_class_indices(negatives, weight.size(0), "negatives", false, 0, kBound);
-}
-
-// A fresh [V, D] gradient is hundreds of MB of untouched pages: at 4 KiB a page, first-touch page
-// faults cost more than the scatter itself. Ask for transparent huge pages before writing it.
-void advise_huge_pages(const at::Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
-  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t end = begin + t.nbytes();
-  const uintptr_t aligned = (begin + kHuge - 1) & ~(kHuge - 1);
-  if (end > aligned + kHuge) {
-    madvise(reinterpret_cast<void*>(aligned), (end - aligned) & ~(kHuge - 1), MADV_HUGEPAGE);
-  }
-#endif
 }
 
 // Entries sorted by the row they add to (counting sort, stable): entries order[start[r]] ..
@@ -682,7 +665,6 @@ Gradients backward_cpu(const at::Tensor& grad_loss, const at::Tensor& coef,
     scalar_t* gwp = nullptr;
     scalar_t* gbp = nullptr;
     if (mode != WeightGrad::kNone) {
-      advise_huge_pages(grad_weight);
       gwp = grad_weight.mutable_data_ptr<scalar_t>();
       gbp = has_bias ? grad_bias.mutable_data_ptr<scalar_t>() : nullptr;
       if (serial) {

@@ -2,6 +2,7 @@
 
 #include <torch/library.h>
 
+#include <cstdint>
 #include <mutex>
 #include <utility>
 #include <vector>
@@ -14,10 +15,24 @@ namespace fused_nce {
 namespace {
 
 #if defined(__linux__)
+constexpr size_t kHugePage = size_t{2} << 20;
+
+// A gradient's fresh pages, at 4 KiB each, cost more first-touch page faults than the scatter
+// itself: ask for transparent huge pages over the whole 2 MiB pages of [data, data + bytes).
+void advise_huge_pages(void* data, size_t bytes) {
+#if defined(MADV_HUGEPAGE)
+  const auto begin = reinterpret_cast<uintptr_t>(data);
+  const uintptr_t end = begin + bytes;
+  const uintptr_t aligned = (begin + kHugePage - 1) & ~(kHugePage - 1);
+  if (end > aligned + kHugePage) {
+    madvise(reinterpret_cast<void*>(aligned), (end - aligned) & ~(kHugePage - 1), MADV_HUGEPAGE);
+  }
+#endif
+}
+
 // At most this many spare buffers: a training loop that drops its gradient before the next
 // backward needs one; one more covers a second parameter or gradient accumulation's extra copy.
 constexpr size_t kMaxSpares = 2;
-constexpr size_t kHugePage = size_t{2} << 20;
 
 class SpareBuffers {
  public:
@@ -43,9 +58,7 @@ class SpareBuffers {
     }
     void* data = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (data == MAP_FAILED) return nullptr;
-#if defined(MADV_HUGEPAGE)
-    madvise(data, bytes, MADV_HUGEPAGE);
-#endif
+    advise_huge_pages(data, bytes);
     *mapped = bytes;
     return data;
   }
@@ -120,7 +133,9 @@ at::Tensor empty_reused(at::IntArrayRef sizes, const at::TensorOptions& options)
           options.device(at::kCPU));
     }
   }
-  return at::empty(sizes, options);
+  auto tensor = at::empty(sizes, options);
+  advise_huge_pages(tensor.data_ptr(), static_cast<size_t>(tensor.nbytes()));
+  return tensor;
 }
 
 int64_t release_reused_buffers() { return spare_buffers().release(); }

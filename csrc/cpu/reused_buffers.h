@@ -16,8 +16,8 @@ namespace fused_nce {
 // mappings every time.
 constexpr int64_t kReusedBufferBytes = int64_t{32} << 20;
 
-// An uninitialized contiguous CPU tensor; at least kReusedBufferBytes large, its memory comes from
-// (and returns to) the spare buffers, transparent huge pages asked for.
+// An uninitialized contiguous CPU tensor, transparent huge pages asked for where it spans whole
+// ones; at least kReusedBufferBytes large, its memory comes from (and returns to) the spares.
 at::Tensor empty_reused(at::IntArrayRef sizes, const at::TensorOptions& options);
 
 // Unmaps the spare buffers not in use; returns their bytes.
