@@ -23,47 +23,61 @@ limit() { local left=$((deadline - SECONDS)); echo $(( $1 < left ? $1 : (left > 
 
 log "build (sm_90, 16 jobs)"
 export TORCH_CUDA_ARCH_LIST=9.0 CMAKE_BUILD_PARALLEL_LEVEL=16
+# torch's CMake finds the toolkit from CUDA_TOOLKIT_ROOT_DIR; name it where nvcc is not in it.
+cuda_root=${CUDA_HOME:-$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")}
+[ -e "$cuda_root/include/cuda_runtime.h" ] || cuda_root=/usr/local/cuda
+echo "CUDA toolkit: $cuda_root" | tee -a "$out/check.log"
 if ! "$py" -m pip install -q --no-build-isolation --no-deps \
-     -C cmake.define.FUSED_NCE_CUDA=ON -C cmake.define.CMAKE_CUDA_ARCHITECTURES=90 . \
+     -C cmake.define.FUSED_NCE_CUDA=ON -C cmake.define.CMAKE_CUDA_ARCHITECTURES=90 \
+     -C cmake.define.CUDA_TOOLKIT_ROOT_DIR="$cuda_root" \
+     -C cmake.define.CMAKE_CUDA_COMPILER="$cuda_root/bin/nvcc" . \
      > "$out/build.log" 2>&1; then
   tail -40 "$out/build.log"; log "build failed"; exit 1
 fi
 "$py" -c "import torch, fused_nce; torch.ops.fused_nce.sampled_loss_forward.default" || exit 1
 
-log "CUDA tests (stop at the first failure)"
-timeout "$(limit 240)" "$py" -m pytest -x -q -p no:cacheprovider tests/test_cuda.py tests/test_cuda_graphs.py \
-  tests/test_inputs.py tests/test_sparse.py -k "cuda" 2>&1 | tee "$out/tests.log" | tail -30
+log "CUDA tests (every test's cuda case; the first failures' tracebacks)"
+# The CUDA-only files first, torch.compile's last (its compiles are the slow ones).
+per_test=$("$py" -c "import pytest_timeout" 2>/dev/null && echo "--timeout=90")
+timeout "$(limit 200)" "$py" -m pytest -q -p no:cacheprovider --maxfail=6 --tb=short -rf $per_test \
+  tests/test_cuda.py tests/test_cuda_graphs.py tests/test_inputs.py tests/test_sparse.py \
+  tests/test_losses.py tests/test_sampler.py tests/test_determinism.py tests/test_optim.py \
+  tests/test_retrieval.py tests/test_autocast.py tests/test_utils.py tests/test_module.py \
+  tests/test_compile.py -k "cuda" 2>&1 | tee "$out/tests.log" | tail -40
 tests_rc=${PIPESTATUS[0]}
 log "tests rc=$tests_rc"
 
 log "compute-sanitizer memcheck"
-timeout "$(limit 150)" compute-sanitizer --tool memcheck --error-exitcode 9 \
+timeout "$(limit 100)" compute-sanitizer --tool memcheck --error-exitcode 9 \
   "$py" bench/gpu/sanitize_driver.py > "$out/memcheck.log" 2>&1
 log "memcheck rc=$? ($(grep -c 'Invalid\|ERROR' "$out/memcheck.log") error lines)"
 tail -3 "$out/memcheck.log"
-if [ -z "$quick" ]; then
-  log "compute-sanitizer racecheck"
-  timeout "$(limit 150)" compute-sanitizer --tool racecheck --error-exitcode 9 \
-    "$py" bench/gpu/sanitize_driver.py > "$out/racecheck.log" 2>&1
-  log "racecheck rc=$? ($(grep -c 'hazard' "$out/racecheck.log") hazard lines)"
-  tail -3 "$out/racecheck.log"
-fi
 
 log "benchmark: N=8192 D=1024 k=64 V=1e6 bfloat16 (per-example)"
-timeout "$(limit 120)" "$py" bench/bench_losses.py --n 8192 --dim 1024 --k 64 --num-classes 1000000 \
+timeout "$(limit 90)" "$py" bench/bench_losses.py --n 8192 --dim 1024 --k 64 --num-classes 1000000 \
   --dtype bfloat16 --modes per_example --objectives nce --repeats 20 \
   --draws 67108864 --build-classes 10000000 \
   --csv "$out/bench_per_example.csv" 2>&1 | tee "$out/bench_per_example.log" | tail -12
 log "benchmark: shared negatives k=1024"
-timeout "$(limit 90)" "$py" bench/bench_losses.py --n 8192 --dim 1024 --k 1024 --num-classes 1000000 \
+timeout "$(limit 60)" "$py" bench/bench_losses.py --n 8192 --dim 1024 --k 1024 --num-classes 1000000 \
   --dtype bfloat16 --modes shared --objectives nce sampled_softmax --repeats 20 \
   --no-full-softmax --csv "$out/bench_shared.csv" 2>&1 | tee "$out/bench_shared.log" | tail -10
+log "profile: one step, kernel by kernel"
+timeout "$(limit 45)" "$py" bench/gpu/profile_step.py > "$out/profile.log" 2>&1
+log "profile rc=$?"
 log "side by side: full-softmax libraries, V = 256k and 1e6"
 # Liger and Cut Cross-Entropy travel as wheels in the ignored .whl/ (no network there).
 site=$(mktemp -d)
 if ls .whl/*.whl > /dev/null 2>&1; then
   "$py" -m pip install -q --no-index --no-deps --target "$site" .whl/*.whl > "$out/wheels.log" 2>&1
 fi
-PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" timeout "$(limit 180)" "$py" bench/bench_full_softmax_libs.py \
+PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" timeout "$(limit 120)" "$py" bench/bench_full_softmax_libs.py \
   --csv "$out/side_by_side.csv" 2>&1 | tee "$out/side_by_side.log" | tail -16
+if [ -z "$quick" ]; then
+  log "compute-sanitizer racecheck"
+  timeout "$(limit 120)" compute-sanitizer --tool racecheck --error-exitcode 9 \
+    "$py" bench/gpu/sanitize_driver.py > "$out/racecheck.log" 2>&1
+  log "racecheck rc=$? ($(grep -c 'hazard' "$out/racecheck.log") hazard lines)"
+  tail -3 "$out/racecheck.log"
+fi
 log "done"
