@@ -57,12 +57,21 @@ def test_cuda_matches_cpu(dim, dtype, objective, shared, deterministic):
 
 @pytest.mark.parametrize("k", [1, 33, 1000])
 def test_cuda_any_k_and_many_repeats(k):
-    """k above the warp size and far above V: every class is hit many times per row."""
-    cpu = make_problem(n=300, dim=32, num_classes=7, k=k)
+    """k above the warp size and far above V: every class is hit many times per row. Against
+    float64: at k = 1000 each of the 7 weight rows sums ~43,000 float32 terms (atomics, in no
+    fixed order), so the gradient tolerance grows with the square root of that count."""
+    exact = make_problem(n=300, dim=32, num_classes=7, k=k, dtype=torch.float64)
     cuda = to_cuda(make_problem(n=300, dim=32, num_classes=7, k=k))
+    terms_per_row = 300 * (1 + k) / 7
+    loss_tol, grad_tol = TOLERANCE[torch.float32]
+    grad_tol *= max(1.0, (terms_per_row / 1000) ** 0.5)
     for objective in OBJECTIVES:
-        assert_agree(loss_and_grads(run_fused, objective, cpu),
-                     loss_and_grads(run_fused, objective, cuda), torch.float32, objective)
+        (loss64, grads64), (loss, grads) = (loss_and_grads(run_fused, objective, p)
+                                            for p in (exact, cuda))
+        torch.testing.assert_close(loss.cpu().double(), loss64, rtol=loss_tol, atol=loss_tol)
+        for name, g, g64 in zip(["hidden", "weight", "bias"], grads, grads64):
+            torch.testing.assert_close(g.cpu().double(), g64, rtol=grad_tol, atol=grad_tol,
+                                       msg=lambda m: f"{objective} grad {name}: {m}")
 
 
 def test_cuda_non_contiguous_and_empty():

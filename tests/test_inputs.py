@@ -319,3 +319,14 @@ def test_row_strided_and_offset_weight_views(device, objective, shared, dim):
     for g, r in zip([wide_hidden.grad[:, 1:dim + 1], wide_weight.grad[:, 1:dim + 1], bias.grad],
                     grads):
         torch.testing.assert_close(g, r)
+
+
+def test_kernel_errors_carry_their_numbers():
+    """A check inside the C++ ops formats its numbers into the message. (A module linked with its
+    own copy of libstdc++, symbols exported, lost them: the stream stopped at the first number,
+    and on one machine crashed.)"""
+    h, w = torch.zeros(4, 8), torch.zeros(10, 8)
+    target, negatives = torch.tensor([0, 1, 2, 11]), torch.zeros(4, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"class index 11, outside \[0, 10\)"):
+        torch.ops.fused_nce.sampled_loss_forward(h, w, None, target, negatives, None,
+                                                 torch.tensor(0.0), 2, True, -100)

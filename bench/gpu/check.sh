@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One run on a GPU machine (Hopper, torch with CUDA, no network): build for sm_90, the CUDA tests,
 # compute-sanitizer over every path, the benchmark at the target shapes. Everything goes to OUTDIR
-# (logs, CSVs). Usage: bench/gpu/check.sh OUTDIR [quick]
+# (logs, CSVs), then a kernel-by-kernel profile of one step and ncu on the row-sum kernel.
+# Usage: bench/gpu/check.sh OUTDIR [quick]
 # Plot the side by side afterwards, where matplotlib is: bench/plot_side_by_side.py OUTDIR/side_by_side.csv
 set -uo pipefail
 out=${1:?usage: bench/gpu/check.sh OUTDIR [quick]}
@@ -35,6 +36,11 @@ if ! "$py" -m pip install -q --no-build-isolation --no-deps \
   tail -40 "$out/build.log"; log "build failed"; exit 1
 fi
 "$py" -c "import torch, fused_nce; torch.ops.fused_nce.sampled_loss_forward.default" || exit 1
+# How the module is linked: its libraries, and how many symbols it exports (a few dozen; thousands
+# would mean a static libstdc++ leaking out of it).
+so=$("$py" -c "import fused_nce._C as m; print(m.__file__)")
+{ g++ --version | head -1; echo "LDFLAGS=${LDFLAGS:-}"; readelf -d "$so" | grep NEEDED
+  echo "exported symbols: $(nm -D --defined-only "$so" | wc -l)"; } | tee "$out/linkage.txt"
 
 log "CUDA tests (every test's cuda case; the first failures' tracebacks)"
 # The CUDA-only files first, torch.compile's last (its compiles are the slow ones).
@@ -43,7 +49,7 @@ timeout "$(limit 200)" "$py" -m pytest -q -p no:cacheprovider --maxfail=6 --tb=s
   tests/test_cuda.py tests/test_cuda_graphs.py tests/test_inputs.py tests/test_sparse.py \
   tests/test_losses.py tests/test_sampler.py tests/test_determinism.py tests/test_optim.py \
   tests/test_retrieval.py tests/test_autocast.py tests/test_utils.py tests/test_module.py \
-  tests/test_compile.py -k "cuda" 2>&1 | tee "$out/tests.log" | tail -40
+  tests/test_compile.py -k "cuda or carry_their_numbers" 2>&1 | tee "$out/tests.log" | tail -40
 tests_rc=${PIPESTATUS[0]}
 log "tests rc=$tests_rc"
 
@@ -73,6 +79,11 @@ if ls .whl/*.whl > /dev/null 2>&1; then
 fi
 PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" timeout "$(limit 120)" "$py" bench/bench_full_softmax_libs.py \
   --csv "$out/side_by_side.csv" 2>&1 | tee "$out/side_by_side.log" | tail -16
+log "ncu: the row-sum kernel of the per-example backward"
+timeout "$(limit 40)" ncu --kernel-name regex:sum_chunks --launch-skip 3 --launch-count 1 \
+  --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \
+  "$py" bench/gpu/profile_step.py --plain > "$out/ncu.log" 2>&1
+log "ncu rc=$?"
 if [ -z "$quick" ]; then
   log "compute-sanitizer racecheck"
   timeout "$(limit 120)" compute-sanitizer --tool racecheck --error-exitcode 9 \

@@ -95,7 +95,7 @@ class AliasSampler:
     def sample(self, size: Size, *, generator: Optional[torch.Generator] = None) -> Tensor:
         """int64 class indices of shape ``size``, on ``self.device``."""
         shape = normalize_size(size)
-        if generator is not None and generator.device != self.device:
+        if generator is not None and not same_device(generator.device, self.device):
             raise ValueError(
                 f"generator is on {generator.device} but the sampler is on {self.device}")
         draws: Tensor = ops.alias_sample(self.table, shape, generator)
@@ -103,6 +103,17 @@ class AliasSampler:
 
     def __repr__(self) -> str:
         return f"AliasSampler(num_classes={self.num_classes}, device={self.device})"
+
+
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether a and b are one device: torch.Generator("cuda").device has no index, and means
+    the current device."""
+    def resolved(d: torch.device) -> torch.device:
+        if d.type == "cuda" and d.index is None:
+            return torch.device("cuda", torch.cuda.current_device())
+        return d
+
+    return resolved(a) == resolved(b)
 
 
 def normalize_size(size: Size) -> Tuple[int, ...]:
