@@ -230,7 +230,13 @@ def main() -> None:
     parser.add_argument("--build-classes", type=int, default=None,
                         help="V of the timed alias table build (default: --num-classes)")
     parser.add_argument("--csv", default="bench/out/bench_losses.csv")
+    parser.add_argument("--summarize", nargs="+", metavar="CSV",
+                        help="measure nothing: print the tables of CSVs this script wrote")
     args = parser.parse_args()
+    if args.summarize:
+        for path in args.summarize:
+            summarize(path)
+        return
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -319,6 +325,21 @@ def main() -> None:
 
     print_summary(rows)
     print(f"wrote {args.csv}")
+
+
+def summarize(path: str) -> None:
+    """The tables of a CSV written by this script, under the machine, torch and date it names."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        for key in ("median_ms", "min_ms", "max_ms", "extra_peak_mb"):
+            r[key] = float(r[key])
+    first = rows[0]
+    print(f"{first['device']}, torch {first['torch']}, {first['date']}: N={first['n']} "
+          f"D={first['dim']} k={first['k']} V={first['num_classes']} {first['dtype']}, "
+          f"forward+backward")
+    print_summary(rows)
+    print()
 
 
 def is_oom(error: BaseException) -> bool:
