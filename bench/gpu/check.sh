@@ -71,6 +71,9 @@ timeout "$(limit 60)" "$py" bench/bench_losses.py --n 8192 --dim 1024 --k 1024 -
 log "profile: one step, kernel by kernel"
 timeout "$(limit 45)" "$py" bench/gpu/profile_step.py > "$out/profile.log" 2>&1
 log "profile rc=$?"
+log "host time: eager step, its issue time, CUDA graph replay"
+timeout "$(limit 45)" "$py" bench/gpu/host_overhead.py --csv "$out/host_overhead.csv" 2>&1 \
+  | tee "$out/host_overhead.log" | tail -5
 log "side by side: full-softmax libraries, V = 256k and 1e6"
 # Liger and Cut Cross-Entropy travel as wheels in the ignored .whl/ (no network there).
 site=$(mktemp -d)
