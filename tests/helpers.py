@@ -21,7 +21,7 @@ TOLERANCE = {
 
 
 @contextlib.contextmanager
-def deterministic(enabled: bool = True):
+def deterministic_algorithms(enabled: bool = True):
     """torch.use_deterministic_algorithms(enabled) inside the block: on CUDA the dense weight
     gradient then sums each row in a fixed order (atomics otherwise)."""
     before = torch.are_deterministic_algorithms_enabled()

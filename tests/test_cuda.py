@@ -10,8 +10,8 @@ import torch
 
 import fused_nce
 from conftest import DTYPES, OBJECTIVES
-from helpers import (TOLERANCE, chi_square, chi_square_p_upper, loss_and_grads, make_problem,
-                     run_fused, table_error_bound, table_probs)
+from helpers import (TOLERANCE, chi_square, chi_square_p_upper, deterministic_algorithms,
+                     loss_and_grads, make_problem, run_fused, table_error_bound, table_probs)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -46,12 +46,8 @@ def test_cuda_matches_cpu(dim, dtype, objective, shared, deterministic):
     cpu = make_problem(n=77, dim=dim, num_classes=50, k=40, dtype=dtype, shared=shared)
     cuda = to_cuda(make_problem(n=77, dim=dim, num_classes=50, k=40, dtype=dtype, shared=shared))
     kwargs = dict(remove_accidental_hits=True, reduction="sum")
-    before = torch.are_deterministic_algorithms_enabled()
-    try:
-        torch.use_deterministic_algorithms(deterministic)
+    with deterministic_algorithms(deterministic):
         result = loss_and_grads(run_fused, objective, cuda, **kwargs)
-    finally:
-        torch.use_deterministic_algorithms(before)
     assert_agree(loss_and_grads(run_fused, objective, cpu, **kwargs), result, dtype, objective)
 
 
@@ -228,12 +224,8 @@ def test_cuda_hot_rows_are_summed_in_chunks_deterministically(dtype, shared, spa
     sums equal the CPU's and are bitwise the same from run to run."""
     kwargs = dict(n=3000, dim=96, num_classes=7, k=40, dtype=dtype, shared=shared)
     cpu, cuda = make_problem(**kwargs), to_cuda(make_problem(**kwargs))
-    before = torch.are_deterministic_algorithms_enabled()
-    try:
-        torch.use_deterministic_algorithms(True)
+    with deterministic_algorithms():
         runs = [loss_and_grads(run_fused, "nce", cuda, sparse_grad=sparse_grad) for _ in range(2)]
-    finally:
-        torch.use_deterministic_algorithms(before)
     dense = [[g.to_dense() if g.is_sparse else g for g in grads] for _, grads in runs]
     for a, b in zip(*dense):
         assert torch.equal(a, b)

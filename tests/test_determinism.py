@@ -5,15 +5,14 @@ import torch
 
 import fused_nce
 from conftest import OBJECTIVES
-from helpers import TOLERANCE, loss_and_grads, make_problem, run_fused, run_reference
+from helpers import (TOLERANCE, deterministic_algorithms, loss_and_grads, make_problem,
+                     run_fused, run_reference)
 
 
 @pytest.fixture
 def deterministic():
-    was_enabled = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(was_enabled)
+    with deterministic_algorithms():
+        yield
 
 
 def gradients(objective, p, sparse_grad):

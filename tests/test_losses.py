@@ -7,8 +7,8 @@ import torch.autograd.forward_ad as fwAD
 import fused_nce
 from fused_nce import reference
 from conftest import DTYPES, OBJECTIVES
-from helpers import (TOLERANCE, deterministic, loss_and_grads, make_problem, run_fused,
-                     run_reference)
+from helpers import (TOLERANCE, deterministic_algorithms, loss_and_grads, make_problem,
+                     run_fused, run_reference)
 
 
 def assert_close(actual, expected, tol, what):
@@ -164,15 +164,13 @@ def test_backward_is_bitwise_reproducible(device, shared):
     runs = []
     threads = torch.get_num_threads()
     # CPU: always (whatever the thread count). CUDA: in deterministic mode (atomics otherwise).
-    deterministic = torch.are_deterministic_algorithms_enabled()
     try:
-        torch.use_deterministic_algorithms(p.hidden.is_cuda)
-        for num_threads in [1, threads, 1]:
-            torch.set_num_threads(num_threads)
-            runs.append(loss_and_grads(run_fused, "nce", p)[1])
+        with deterministic_algorithms(p.hidden.is_cuda):
+            for num_threads in [1, threads, 1]:
+                torch.set_num_threads(num_threads)
+                runs.append(loss_and_grads(run_fused, "nce", p)[1])
     finally:
         torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(deterministic)
     for grads in runs[1:]:
         for g, g0 in zip(grads, runs[0]):
             assert torch.equal(g, g0)
@@ -208,7 +206,7 @@ def test_opcheck(device):
             args = (coef, p.hidden, p.weight, True, p.target, p.negatives, -100)
             torch.library.opcheck(op.default, (scalar, *args))
             # Bitwise: on CUDA the dense rows are summed in a fixed order in deterministic mode.
-            with deterministic(device.type == "cuda"):
+            with deterministic_algorithms(device.type == "cuda"):
                 pairs = zip(op(scalar, *args), op(scalar.expand(11).contiguous(), *args))
                 for got, expected in pairs:
                     torch.testing.assert_close(got, expected, rtol=0, atol=0)

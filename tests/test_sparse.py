@@ -7,7 +7,7 @@ from torch.utils._pytree import tree_flatten
 
 import fused_nce
 from conftest import OBJECTIVES
-from helpers import deterministic, make_problem
+from helpers import deterministic_algorithms, make_problem
 
 
 def touched_rows(p, remove_hits):
@@ -66,12 +66,8 @@ def test_sparse_gradient_is_the_dense_gradients_touched_rows(device, objective, 
                   remove_accidental_hits=remove_hits)
         return torch.autograd.grad(loss, leaves)
 
-    before = torch.are_deterministic_algorithms_enabled()
-    try:
-        torch.use_deterministic_algorithms(deterministic)
+    with deterministic_algorithms(deterministic):
         dense, sparse = grads(False), grads(True)
-    finally:
-        torch.use_deterministic_algorithms(before)
     exact = device.type == "cpu" or deterministic
     tol = 0 if exact else 1e-6
     torch.testing.assert_close(sparse[0], dense[0], rtol=0, atol=0)  # hidden: dense as ever
@@ -220,7 +216,7 @@ def test_sparse_grad_with_leading_batch_dims_and_reductions(device):
     for reduction in ["mean", "sum", "none"]:
         leaves = p.leaves()
         # Bitwise: CUDA's dense rows are summed in the sparse path's order in deterministic mode.
-        with deterministic(device.type == "cuda"):
+        with deterministic_algorithms(device.type == "cuda"):
             loss = fused_nce.sampled_softmax_loss(*leaves, p.target, p.sampler,
                                                   negatives=p.negatives, reduction=reduction,
                                                   sparse_grad=True)
