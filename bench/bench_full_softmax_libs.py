@@ -22,10 +22,8 @@ CSV (device, torch version, date on every row); bench/plot_side_by_side.py draws
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import math
-import os
 import platform
 import statistics
 from typing import Callable, Dict, List, Optional, Tuple
@@ -34,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import fused_nce
-from bench_losses import DTYPES, PeakMemory, grad_nbytes, is_oom, time_call
+from bench_losses import DTYPES, PeakMemory, grad_nbytes, is_oom, time_call, write_csv
 
 Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -110,11 +108,7 @@ def main() -> None:
     rows: List[dict] = []
 
     def write() -> None:  # after every row: a run cut short keeps what it measured
-        os.makedirs(os.path.dirname(args.csv) or ".", exist_ok=True)
-        with open(args.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(args.csv, rows)
 
     def record(v: int, provider: str, k: int, times: List[float], extra: float, note: str) -> None:
         nan = float("nan")

@@ -263,11 +263,7 @@ def main() -> None:
               f"[{r['min_ms']:.2f}, {r['max_ms']:.2f}]  {r['extra_peak_mb']:9.1f} MB  {note}",
               flush=True)
         # After every row: a run cut short (out of time, out of memory) keeps what it measured.
-        os.makedirs(os.path.dirname(args.csv) or ".", exist_ok=True)
-        with open(args.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(args.csv, rows)
 
     for mode in args.modes:
         leaves, target, sampler, negatives = make_case(args, device, dtype, mode == "shared")
@@ -325,6 +321,15 @@ def main() -> None:
 
     print_summary(rows)
     print(f"wrote {args.csv}")
+
+
+def write_csv(path: str, rows: List[dict]) -> None:
+    """Rows (dicts with the same keys) to a CSV at path, its folder made if needed."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def summarize(path: str) -> None:

@@ -19,9 +19,7 @@ Prints a table and writes a CSV.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
-import os
 import platform
 import statistics
 import time
@@ -31,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import fused_nce
+from bench_losses import write_csv
 
 
 class OneOp(torch.autograd.Function):
@@ -123,11 +122,7 @@ def main() -> None:
     print("\n| case | us per call | x floor |\n|---|---:|---:|")
     for r in rows:
         print(f"| {r['case']} | {r['median_us']:.1f} | {r['median_us'] / floor_us:.1f}x |")
-    os.makedirs(os.path.dirname(args.csv) or ".", exist_ok=True)
-    with open(args.csv, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(args.csv, rows)
     print(f"\nwrote {args.csv}")
 
 

@@ -12,7 +12,6 @@ present. Prints a table and writes one CSV.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import os
 import platform
@@ -23,7 +22,7 @@ from typing import Callable, Dict, List
 import torch
 
 import fused_nce
-from bench_losses import PeakMemory
+from bench_losses import PeakMemory, write_csv
 from fused_nce import reference
 
 PROVIDERS: Dict[str, Callable[..., torch.Tensor]] = {
@@ -135,11 +134,7 @@ def main() -> None:
         os.path.dirname(os.path.abspath(__file__)), "results",
         f"retrieval-{device.type}-{platform.machine()}-{torch.get_num_threads()}threads-"
         f"{args.date}.csv")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(path, rows)
     print(f"wrote {path}")
 
 

@@ -30,7 +30,7 @@ from typing import Callable, Dict, List, Tuple
 import torch
 
 import fused_nce
-from bench_losses import OBJECTIVES, PeakMemory
+from bench_losses import OBJECTIVES, PeakMemory, write_csv
 from fused_nce.optim import RowAdagrad, RowAdam, RowSGD
 
 # method: (family, optimizer factory, sparse gradient, bytes read + written per updated element)
@@ -185,11 +185,7 @@ def main() -> None:
                       flush=True)
 
     print_summary(rows)
-    os.makedirs(os.path.dirname(args.csv) or ".", exist_ok=True)
-    with open(args.csv, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(args.csv, rows)
     print(f"wrote {args.csv}")
     plot(rows, args.plot or os.path.splitext(args.csv)[0] + ".png")
 

@@ -6,14 +6,18 @@ replayed (GPU time alone). At the GPU target shapes and at the tiny fixed-cost s
 """
 
 import argparse
-import csv
 import datetime
+import os
 import statistics
+import sys
 import time
 
 import torch
 
-import fused_nce
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from bench_losses import time_call, write_csv  # noqa: E402
+
+import fused_nce  # noqa: E402
 
 CASES = [  # name, N, D, V, k, shared, dtype
     ("per_example", 8192, 1024, 1_000_000, 64, False, torch.bfloat16),
@@ -40,15 +44,8 @@ def make_step(n, dim, v, k, shared, dtype, device):
 
 
 def median_ms(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    """CUDA events around each call: GPU time, plus any time the GPU waits for the host."""
+    return statistics.median(time_call(fn, torch.device("cuda"), repeats))
 
 
 def host_ms(fn, repeats):
@@ -94,10 +91,7 @@ def main() -> None:
               f"graph replay {replay:8.3f} ms", flush=True)
         del graph, step
         torch.cuda.empty_cache()
-    with open(args.csv, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(args.csv, rows)
     print(f"wrote {args.csv}")
 
 
