@@ -328,19 +328,21 @@ def test_no_group():
                     torch.ones(5), num_negatives=2)
 
 
-def test_shard_ops_opcheck_and_sum_over_shards():
-    """The shard ops in one process: every shard's part adds up to the single-device loss and
-    gradients, the ops pass torch.library.opcheck, and an index outside the global V raises."""
+def test_shard_ops_opcheck_and_sum_over_shards(device):
+    """The shard ops in one process (each device's kernels): every shard's part adds up to the
+    single-device loss and gradients, the ops pass torch.library.opcheck, and an index outside the
+    global V raises (on the CPU; CUDA checks it in the kernel, a device-side assert)."""
     from fused_nce._ops import ops
 
     v, shards = 10, [(0, 4), (4, 8), (8, 10), (10, 10)]
-    hidden, weight, bias, target, noise, _ = make_inputs(v, torch.float64, 11, ignore=True)
+    inputs = make_inputs(v, torch.float64, 11, ignore=True)
+    hidden, weight, bias, target, noise, _ = (t.to(device) for t in inputs)
     q = noise / noise.sum()
-    negs = torch.randint(v, (N, K), generator=torch.Generator().manual_seed(0))
-    log_z = torch.tensor(0.2, dtype=torch.float64)
+    negs = torch.randint(v, (N, K), generator=torch.Generator().manual_seed(0)).to(device)
+    log_z = torch.tensor(0.2, dtype=torch.float64, device=device)
     loss, coef = ops.sampled_loss_forward(hidden, weight, bias, target, negs, q, log_z, 0, True,
                                           IGNORE)
-    grad_loss = torch.rand(N, dtype=torch.float64)
+    grad_loss = torch.rand(N, dtype=torch.float64).to(device)
     gh, gw, gb = ops.sampled_loss_backward(grad_loss, coef, hidden, weight, True, target, negs,
                                            IGNORE)
     total, total_gh = torch.zeros_like(loss), torch.zeros_like(gh)
@@ -363,6 +365,8 @@ def test_shard_ops_opcheck_and_sum_over_shards():
         torch.library.opcheck(ops.shard_loss_forward, args)
     torch.testing.assert_close(total, loss)
     torch.testing.assert_close(total_gh, gh)
+    if device.type != "cpu":
+        return
     bad = negs.clone()
     bad[2, 1] = v
     with pytest.raises(ValueError, match="negatives"):

@@ -49,7 +49,7 @@ timeout "$(limit 200)" "$py" -m pytest -q -p no:cacheprovider --maxfail=6 --tb=s
   tests/test_cuda.py tests/test_cuda_graphs.py tests/test_inputs.py tests/test_sparse.py \
   tests/test_losses.py tests/test_sampler.py tests/test_determinism.py tests/test_optim.py \
   tests/test_retrieval.py tests/test_autocast.py tests/test_utils.py tests/test_module.py \
-  tests/test_compile.py -k "cuda or carry_their_numbers" 2>&1 | tee "$out/tests.log" | tail -40
+  tests/test_distributed.py tests/test_compile.py -k "cuda or carry_their_numbers" 2>&1 | tee "$out/tests.log" | tail -40
 tests_rc=${PIPESTATUS[0]}
 log "tests rc=$tests_rc"
 

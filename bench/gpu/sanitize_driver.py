@@ -1,6 +1,8 @@
 """Calls every op on every path at tiny shapes, for compute-sanitizer (memcheck, racecheck):
 per-example and shared negatives, each objective, each dtype, dense / sparse rows / frozen
-weight, deterministic mode, odd D and misaligned views, the alias build and draws.
+weight, deterministic mode, odd D and misaligned views, the alias build and draws; the row
+optimizers, in-batch retrieval with extra negatives and the frequency estimator, and the
+vocab-parallel shard ops.
 
     compute-sanitizer --tool memcheck python bench/gpu/sanitize_driver.py [--device cuda]
 """
@@ -10,6 +12,7 @@ import argparse
 import torch
 
 import fused_nce
+from fused_nce.optim import RowAdagrad, RowAdam, RowSGD
 
 OBJECTIVES = ["nce", "negative_sampling", "sampled_softmax"]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
@@ -58,9 +61,66 @@ def run_all(device: torch.device) -> int:
     # Sampler: build and draws.
     sampler = fused_nce.AliasSampler(fused_nce.log_uniform_weights(1000), device=device)
     sampler.sample((64, 33))
+    calls += 2 + run_v2_ops(device, g)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return calls + 2
+    return calls
+
+
+def run_v2_ops(device: torch.device, g: torch.Generator) -> int:
+    """The row optimizers, in-batch retrieval with the frequency estimator, and the vocab-parallel
+    shard ops (one process, a shard of rows at a time)."""
+    from fused_nce._ops import ops
+
+    calls = 0
+    for dtype in DTYPES:
+        v, dim, n = 50, 13, 37
+        rows = torch.tensor([1, 4, 5, 30, 49], device=device)
+        for opt_cls in [RowSGD, RowAdagrad, RowAdam]:
+            weight = torch.randn(v, dim, generator=g).to(device, dtype).requires_grad_()
+            opt = opt_cls([weight], lr=0.1)
+            values = torch.randn(len(rows), dim, generator=g).to(device, dtype)
+            weight.grad = torch.sparse_coo_tensor(rows.unsqueeze(0), values, (v, dim),
+                                                  check_invariants=True)
+            opt.step()
+            calls += 1
+        query = torch.randn(n, dim, generator=g).to(device, dtype).requires_grad_()
+        candidates = torch.randn(n, dim, generator=g).to(device, dtype).requires_grad_()
+        ids = torch.randint(20, (n,), generator=g).to(device)
+        estimator = fused_nce.FrequencyEstimator(num_buckets=64).to(device)
+        estimator.update(ids)
+        extra = torch.randn(9, dim, generator=g).to(device, dtype)
+        extra_ids = torch.randint(20, (9,), generator=g).to(device)
+        for block_size in [0, 8]:
+            loss = fused_nce.in_batch_softmax_loss(
+                query, candidates, ids, log_q=estimator.log_prob(ids), extra_candidates=extra,
+                extra_ids=extra_ids, extra_log_q=estimator.log_prob(extra_ids),
+                block_size=block_size)
+            loss.backward()
+            calls += 1
+    # The shard ops of vocab-parallel losses, float32 and float64, every backward mode.
+    for dtype in [torch.float32, torch.float64]:
+        v, dim, n, k = 50, 13, 37, 9
+        hidden = torch.randn(n, dim, generator=g).to(device, dtype)
+        weight = torch.randn(v, dim, generator=g).to(device, dtype)
+        bias = torch.randn(v, generator=g).to(device, dtype)
+        target = torch.randint(v, (n,), generator=g).to(device)
+        target[::5] = -100
+        negatives = torch.randint(v, (n, k), generator=g).to(device)
+        q = (torch.rand(v, generator=g, dtype=torch.float64) + 0.1).to(device)
+        q /= q.sum()
+        log_z = torch.zeros((), dtype=dtype, device=device)
+        grad_loss = torch.rand(n, generator=g).to(device, dtype)
+        for start, end in [(0, 20), (20, 50), (50, 50)]:
+            for objective in range(3):
+                _, coef = ops.shard_loss_forward(hidden, weight[start:end], bias[start:end],
+                                                 target, negatives, q, log_z, objective, True,
+                                                 -100, start, v)
+                for mode in range(3):
+                    ops.shard_loss_backward(grad_loss, coef, hidden, weight[start:end], True,
+                                            target, negatives, -100, start, v, mode)
+                calls += 1
+    return calls
 
 
 def main() -> None:
