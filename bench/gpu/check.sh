@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One run on a GPU machine (Hopper, torch with CUDA, no network): build for sm_90, the CUDA tests,
 # compute-sanitizer over every path, the benchmark at the target shapes. Everything goes to OUTDIR
-# (logs, CSVs), then a kernel-by-kernel profile of one step and ncu on the row-sum kernel.
+# (logs, CSVs), with a kernel-by-kernel profile of one step, the host's share of a step against a
+# CUDA graph replay, and ncu on the row-sum kernel.
 # Usage: bench/gpu/check.sh OUTDIR [quick]
 # Plot the side by side afterwards, where matplotlib is: bench/plot_side_by_side.py OUTDIR/side_by_side.csv
 set -uo pipefail
