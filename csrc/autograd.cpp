@@ -7,17 +7,23 @@
 #include <ATen/FunctionalTensorWrapper.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/basic_ops.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <memory>
+#include <mutex>
 #include <optional>
+#include <string>
 #include <tuple>
+#include <type_traits>
 
 namespace fused_nce {
 namespace {
 
-using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using OptTensor = std::optional<at::Tensor>;
 
@@ -105,41 +111,30 @@ at::Tensor reduce(const at::Tensor& loss, const at::Tensor& target, int64_t igno
   return reduction == kSum ? loss.sum() : loss.sum() / *count;
 }
 
-// The loss reduced by `reduction` (kMean: over the examples not ignored); differentiable in hidden,
-// weight, bias and log_z. With sparse_grad the gradients of weight and bias are coalesced sparse
-// COO tensors holding only the touched rows.
-class SampledLoss : public torch::autograd::Function<SampledLoss> {
- public:
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& hidden,
-                            const at::Tensor& weight, const OptTensor& bias,
-                            const at::Tensor& target, const at::Tensor& negatives,
-                            const OptTensor& noise_probs, const at::Tensor& log_z,
-                            int64_t objective, bool remove_accidental_hits, int64_t ignore_index,
-                            bool sparse_grad, int64_t reduction) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [loss, coef] = call_forward(hidden, weight, bias, target, negatives, noise_probs, log_z,
-                                     objective, remove_accidental_hits, ignore_index);
-    const bool has_bias = bias.has_value() && bias->defined();
-    const bool has_noise = noise_probs.has_value() && noise_probs->defined();
-    at::Tensor count;
-    const at::Tensor reduced = reduce(loss, target, ignore_index, reduction, &count);
-    ctx->save_for_backward({hidden, weight, target, negatives, coef, count});
-    ctx->saved_data["has_bias"] = has_bias;
-    // needs_input_grad counts the tensor inputs present: hidden, weight, [bias], target,
-    // negatives, [noise_probs], log_z.
-    ctx->saved_data["log_z_input"] = int64_t{4} + has_bias + has_noise;
-    ctx->saved_data["objective"] = objective;
-    ctx->saved_data["ignore_index"] = ignore_index;
-    ctx->saved_data["sparse_grad"] = sparse_grad;
-    ctx->saved_data["reduction"] = reduction;
-    return reduced;
+// The graph node of the loss: the gradients of hidden, weight, bias and log_z (its four edges) from
+// the forward's coefficients. A plain Node, as torch's own backward nodes are, not a
+// torch::autograd::Function: no context, no IValue map of saved values and no checks over the
+// op's twelve arguments on every call; at small shapes that bookkeeping cost more than the kernels.
+struct SampledLossBackward : public torch::autograd::Node {
+  enum Input : size_t { kHidden = 0, kWeight = 1, kBias = 2, kLogZ = 3 };
+
+  std::string name() const override { return "SampledLossBackward"; }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto* saved : {&hidden_, &weight_, &target_, &negatives_, &coef_, &count_}) {
+      saved->reset_data();
+    }
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    // An undefined gradient stands for zeros: so are the inputs' gradients.
+    if (!grads[0].defined()) return variable_list(num_outputs());
     variable_list result;
     {
       at::AutoGradMode no_grad(false);
-      result = gradients(ctx, grads);
+      result = gradients(grads[0]);
     }
     if (at::GradMode::is_enabled()) {
       // Under create_graph: once differentiable. The gradients require grad (they depend on
@@ -156,8 +151,15 @@ class SampledLoss : public torch::autograd::Function<SampledLoss> {
     return result;
   }
 
+  torch::autograd::SavedVariable hidden_, weight_, target_, negatives_, coef_, count_;
+  bool has_bias_ = false;
+  bool sparse_grad_ = false;
+  int64_t objective_ = 0;
+  int64_t ignore_index_ = 0;
+  int64_t reduction_ = kMean;
+
  private:
-  static variable_list gradients(AutogradContext* ctx, const variable_list& grads) {
+  variable_list gradients(at::Tensor grad_loss) {
     static const auto backward_dense = find_op<BackwardSig>("fused_nce::sampled_loss_backward");
     static const auto backward_rows =
         find_op<BackwardRowsSig>("fused_nce::sampled_loss_backward_rows");
@@ -166,38 +168,33 @@ class SampledLoss : public torch::autograd::Function<SampledLoss> {
     // The ops below have no gradient of their own: skip the Autograd dispatch key (a boxed
     // fallback that inspects every argument) and call their kernels directly.
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor &hidden = saved[0], &weight = saved[1], &target = saved[2],
-                     &negatives = saved[3], &coef = saved[4], &count = saved[5];
-    const bool has_bias = ctx->saved_data["has_bias"].toBool();
-    const int64_t ignore_index = ctx->saved_data["ignore_index"].toInt();
-    const int64_t reduction = ctx->saved_data["reduction"].toInt();
+    const at::Tensor hidden = hidden_.unpack(), weight = weight_.unpack(),
+                     target = target_.unpack(), negatives = negatives_.unpack(),
+                     coef = coef_.unpack();
     // dloss/dloss_i: [N], or under a reduction one scalar for every example (the backward ops
     // take either).
-    at::Tensor grad_loss = grads[0];
-    if (reduction == kMean) grad_loss = grad_loss / count;
-    const bool needs_hidden = ctx->needs_input_grad(0);
-    const bool needs_weight = ctx->needs_input_grad(1) || (has_bias && ctx->needs_input_grad(2));
+    if (reduction_ == kMean) grad_loss = divide(grad_loss, count_.unpack());
+    const bool needs_weight =
+        should_compute_output(kWeight) || (has_bias_ && should_compute_output(kBias));
     at::Tensor grad_hidden, grad_weight, grad_bias, grad_log_z;
     if (needs_weight) {
-      if (ctx->saved_data["sparse_grad"].toBool()) {
+      if (sparse_grad_) {
         auto [gh, rows, weight_rows, bias_rows] = backward_rows.call(
-            grad_loss, coef, hidden, weight, has_bias, target, negatives, ignore_index);
+            grad_loss, coef, hidden, weight, has_bias_, target, negatives, ignore_index_);
         grad_hidden = gh;
         grad_weight = rows_to_sparse(rows, weight_rows, weight.sym_sizes());
-        if (has_bias) grad_bias = rows_to_sparse(rows, bias_rows, weight.sym_sizes().slice(0, 1));
+        if (has_bias_) grad_bias = rows_to_sparse(rows, bias_rows, weight.sym_sizes().slice(0, 1));
       } else {
         std::tie(grad_hidden, grad_weight, grad_bias) = backward_dense.call(
-            grad_loss, coef, hidden, weight, has_bias, target, negatives, ignore_index);
-        if (!has_bias) grad_bias = at::Tensor();
+            grad_loss, coef, hidden, weight, has_bias_, target, negatives, ignore_index_);
+        if (!has_bias_) grad_bias = at::Tensor();
       }
-    } else if (needs_hidden) {
+    } else if (should_compute_output(kHidden)) {
       // A frozen output layer: grad_hidden alone, no weight rows at all.
       grad_hidden = backward_hidden.call(grad_loss, coef, hidden, weight, target, negatives,
-                                         ignore_index);
+                                         ignore_index_);
     }
-    if (ctx->saved_data["objective"].toInt() == 0 &&
-        ctx->needs_input_grad(ctx->saved_data["log_z_input"].toInt())) {
+    if (objective_ == 0 && should_compute_output(kLogZ)) {
       // NCE's d = s - log_z - log(k q): dloss/dlog_z = -sum_ij dloss/ds_ij. Summed per example,
       // then by a scan (after a leading zero, for an empty batch): both add in one order whatever
       // the thread count, where sum() over everything splits a long sum across threads.
@@ -205,10 +202,38 @@ class SampledLoss : public torch::autograd::Function<SampledLoss> {
           ((grad_loss.dim() == 0 ? grad_loss : grad_loss.unsqueeze(1)) * coef).sum(1);
       grad_log_z = -at::pad(per_example, {1, 0}).cumsum(0).select(0, -1);
     }
-    return {grad_hidden, grad_weight, grad_bias, at::Tensor(), at::Tensor(), at::Tensor(),
-            grad_log_z, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {grad_hidden, grad_weight, grad_bias, grad_log_z};
+  }
+
+  // grad / count for the mean. Two CPU scalars of one dtype are divided here, as the division op
+  // would (same dtype, same rounding), without its dispatch and TensorIterator set-up.
+  static at::Tensor divide(const at::Tensor& grad, const at::Tensor& count) {
+    if (grad.dim() != 0 || grad.scalar_type() != count.scalar_type() ||
+        !readable_on_host(grad) || !readable_on_host(count)) {
+      return grad / count;
+    }
+    at::Tensor out = at::empty({}, grad.options());
+    AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "fused_nce_mean_grad", [&] {
+      *out.mutable_data_ptr<scalar_t>() =
+          *grad.const_data_ptr<scalar_t>() / *count.const_data_ptr<scalar_t>();
+    });
+    return out;
   }
 };
+
+// A new node, held as this torch holds graph nodes (shared_ptr before torch 2.13,
+// intrusive_ptr since).
+template <typename T>
+auto make_node() {
+  using NodePtr = decltype(torch::autograd::Edge::function);
+  if constexpr (std::is_same_v<NodePtr, std::shared_ptr<torch::autograd::Node>>) {
+    // deleteNode (found through T's base, torch::autograd::Node) frees a long chain of nodes
+    // without recursing; torch 2.13 has no such function, so it is named only here.
+    return std::shared_ptr<T>(new T(), [](T* node) { deleteNode(node); });
+  } else {
+    return c10::make_intrusive<T>();
+  }
+}
 
 // Below autograd (inference mode, or inside another op): the forward alone.
 at::Tensor sampled_loss_forward_only(const at::Tensor& hidden, const at::Tensor& weight,
@@ -229,26 +254,46 @@ at::Tensor sampled_loss_autograd(const at::Tensor& hidden, const at::Tensor& wei
                                  const at::Tensor& log_z, int64_t objective,
                                  bool remove_accidental_hits, int64_t ignore_index,
                                  bool sparse_grad, int64_t reduction) {
-  // Whether Function::apply has anything to do: a gradient to record, or a forward-mode tangent
-  // (which it rejects with a clear error).
   const auto any_of_inputs = [&](const auto& test) {
     return test(hidden) || test(weight) || (bias.has_value() && bias->defined() && test(*bias)) ||
            test(log_z);
   };
-  const bool needs_function =
-      (at::GradMode::is_enabled() &&
-       any_of_inputs([](const at::Tensor& t) { return t.requires_grad(); })) ||
-      any_of_inputs([](const at::Tensor& t) { return t._fw_grad(/*level=*/0).defined(); });
-  if (!needs_function) {
-    // Nothing to differentiate (no_grad, or frozen inputs): the forward alone, without the
-    // graph node and saved tensors that Function::apply would make anyway.
+  TORCH_CHECK_NOT_IMPLEMENTED(
+      !any_of_inputs([](const at::Tensor& t) { return t._fw_grad(/*level=*/0).defined(); }),
+      "fused_nce's sampled losses are differentiable in reverse mode only: forward-mode AD (a "
+      "jvp) is not implemented");
+  const bool needs_node = at::GradMode::is_enabled() &&
+                          any_of_inputs([](const at::Tensor& t) { return t.requires_grad(); });
+  if (!needs_node) {
+    // Nothing to differentiate (no_grad, or frozen inputs): the forward alone, no graph node.
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return sampled_loss_forward_only(hidden, weight, bias, target, negatives, noise_probs, log_z,
                                      objective, remove_accidental_hits, ignore_index, sparse_grad,
                                      reduction);
   }
-  return SampledLoss::apply(hidden, weight, bias, target, negatives, noise_probs, log_z, objective,
-                            remove_accidental_hits, ignore_index, sparse_grad, reduction);
+  at::Tensor reduced, coef, count;
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    at::Tensor loss;
+    std::tie(loss, coef) = call_forward(hidden, weight, bias, target, negatives, noise_probs,
+                                        log_z, objective, remove_accidental_hits, ignore_index);
+    reduced = reduce(loss, target, ignore_index, reduction, &count);
+  }
+  auto node = make_node<SampledLossBackward>();
+  node->set_next_edges(torch::autograd::collect_next_edges(hidden, weight, bias, log_z));
+  node->hidden_ = torch::autograd::SavedVariable(hidden, /*is_output=*/false);
+  node->weight_ = torch::autograd::SavedVariable(weight, false);
+  node->target_ = torch::autograd::SavedVariable(target, false);
+  node->negatives_ = torch::autograd::SavedVariable(negatives, false);
+  node->coef_ = torch::autograd::SavedVariable(coef, false);
+  node->count_ = torch::autograd::SavedVariable(count, false);
+  node->has_bias_ = bias.has_value() && bias->defined();
+  node->sparse_grad_ = sparse_grad;
+  node->objective_ = objective;
+  node->ignore_index_ = ignore_index;
+  node->reduction_ = reduction;
+  torch::autograd::set_history(reduced, node);
+  return reduced;
 }
 
 }  // namespace
