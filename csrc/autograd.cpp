@@ -11,9 +11,12 @@
 #include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/saved_variable.h>
+#include <torch/csrc/dynamo/compiled_autograd.h>
 #include <torch/library.h>
+#include <torch/version.h>
 
 #include <algorithm>
+#include <array>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -111,20 +114,93 @@ at::Tensor reduce(const at::Tensor& loss, const at::Tensor& target, int64_t igno
   return reduction == kSum ? loss.sum() : loss.sum() / *count;
 }
 
-// The graph node of the loss: the gradients of hidden, weight, bias and log_z (its four edges) from
-// the forward's coefficients. A plain Node, as torch's own backward nodes are, not a
-// torch::autograd::Function: no context, no IValue map of saved values and no checks over the
-// op's twelve arguments on every call; at small shapes that bookkeeping cost more than the kernels.
-struct SampledLossBackward : public torch::autograd::Node {
-  enum Input : size_t { kHidden = 0, kWeight = 1, kBias = 2, kLogZ = 3 };
+// What the loss's backward reads: the forward's inputs and coefficients, the example count of
+// the mean, and the op's arguments.
+struct SavedLoss {
+  at::Tensor hidden, weight, target, negatives, coef, count;
+  bool has_bias = false;
+  bool sparse_grad = false;
+  int64_t objective = 0;
+  int64_t ignore_index = 0;
+  int64_t reduction = kMean;
+};
 
+// The inputs with a gradient edge, in the node's edge order.
+enum Input : size_t { kHidden = 0, kWeight = 1, kBias = 2, kLogZ = 3, kNumInputs = 4 };
+using NeedsGrad = std::array<bool, kNumInputs>;
+
+// grad / count for the mean. Two CPU scalars of one dtype are divided here, as the division op
+// would (same dtype, same rounding), without its dispatch and TensorIterator set-up.
+at::Tensor mean_grad(const at::Tensor& grad, const at::Tensor& count) {
+  if (grad.dim() != 0 || grad.scalar_type() != count.scalar_type() || !readable_on_host(grad) ||
+      !readable_on_host(count)) {
+    return grad / count;
+  }
+  at::Tensor out = at::empty({}, grad.options());
+  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "fused_nce_mean_grad", [&] {
+    *out.mutable_data_ptr<scalar_t>() =
+        *grad.const_data_ptr<scalar_t>() / *count.const_data_ptr<scalar_t>();
+  });
+  return out;
+}
+
+// The gradients of hidden, weight, bias and log_z (undefined where not needed) from dloss.
+variable_list loss_gradients(at::Tensor grad_loss, const SavedLoss& s, const NeedsGrad& needs) {
+  static const auto backward_dense = find_op<BackwardSig>("fused_nce::sampled_loss_backward");
+  static const auto backward_rows =
+      find_op<BackwardRowsSig>("fused_nce::sampled_loss_backward_rows");
+  static const auto backward_hidden =
+      find_op<BackwardHiddenSig>("fused_nce::sampled_loss_backward_hidden");
+  // The ops below have no gradient of their own: skip the Autograd dispatch key (a boxed
+  // fallback that inspects every argument) and call their kernels directly.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  // dloss/dloss_i: [N], or under a reduction one scalar for every example (the backward ops
+  // take either).
+  if (s.reduction == kMean) grad_loss = mean_grad(grad_loss, s.count);
+  const bool needs_weight = needs[kWeight] || (s.has_bias && needs[kBias]);
+  at::Tensor grad_hidden, grad_weight, grad_bias, grad_log_z;
+  if (needs_weight) {
+    if (s.sparse_grad) {
+      auto [gh, rows, weight_rows, bias_rows] =
+          backward_rows.call(grad_loss, s.coef, s.hidden, s.weight, s.has_bias, s.target,
+                             s.negatives, s.ignore_index);
+      grad_hidden = gh;
+      grad_weight = rows_to_sparse(rows, weight_rows, s.weight.sym_sizes());
+      if (s.has_bias) {
+        grad_bias = rows_to_sparse(rows, bias_rows, s.weight.sym_sizes().slice(0, 1));
+      }
+    } else {
+      std::tie(grad_hidden, grad_weight, grad_bias) =
+          backward_dense.call(grad_loss, s.coef, s.hidden, s.weight, s.has_bias, s.target,
+                              s.negatives, s.ignore_index);
+      if (!s.has_bias) grad_bias = at::Tensor();
+    }
+  } else if (needs[kHidden]) {
+    // A frozen output layer: grad_hidden alone, no weight rows at all.
+    grad_hidden = backward_hidden.call(grad_loss, s.coef, s.hidden, s.weight, s.target,
+                                       s.negatives, s.ignore_index);
+  }
+  if (s.objective == 0 && needs[kLogZ]) {
+    // NCE's d = s - log_z - log(k q): dloss/dlog_z = -sum_ij dloss/ds_ij. Summed per example,
+    // then by a scan (after a leading zero, for an empty batch): both add in one order whatever
+    // the thread count, where sum() over everything splits a long sum across threads.
+    const auto per_example =
+        ((grad_loss.dim() == 0 ? grad_loss : grad_loss.unsqueeze(1)) * s.coef).sum(1);
+    grad_log_z = -at::pad(per_example, {1, 0}).cumsum(0).select(0, -1);
+  }
+  return {grad_hidden, grad_weight, grad_bias, grad_log_z};
+}
+
+// The graph node of the loss: the gradients of its four edges (hidden, weight, bias, log_z). A
+// plain Node, as torch's own backward nodes are, not a torch::autograd::Function: no context, no
+// IValue map of saved values and no checks over the op's twelve arguments on every call; at
+// small shapes that bookkeeping cost more than the kernels.
+struct SampledLossBackward : public torch::autograd::Node {
   std::string name() const override { return "SampledLossBackward"; }
 
   void release_variables() override {
     std::lock_guard<std::mutex> lock(mutex_);
-    for (auto* saved : {&hidden_, &weight_, &target_, &negatives_, &coef_, &count_}) {
-      saved->reset_data();
-    }
+    for (auto* saved : saved_variables()) saved->reset_data();
   }
 
   variable_list apply(variable_list&& grads) override {
@@ -134,7 +210,9 @@ struct SampledLossBackward : public torch::autograd::Node {
     variable_list result;
     {
       at::AutoGradMode no_grad(false);
-      result = gradients(grads[0]);
+      result = loss_gradients(grads[0], unpacked(),
+                              {should_compute_output(kHidden), should_compute_output(kWeight),
+                               should_compute_output(kBias), should_compute_output(kLogZ)});
     }
     if (at::GradMode::is_enabled()) {
       // Under create_graph: once differentiable. The gradients require grad (they depend on
@@ -151,6 +229,67 @@ struct SampledLossBackward : public torch::autograd::Node {
     return result;
   }
 
+  // Compiled autograd (torch._dynamo.compiled_autograd): the values that specialize a traced
+  // backward, and the backward as a call in its graph.
+  void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& args) const override {
+    for (const auto* saved : saved_variables()) args.collect(*saved, /*is_output=*/false);
+    args.collect(has_bias_);
+    args.collect(sparse_grad_);
+    args.collect(objective_);
+    args.collect(ignore_index_);
+    args.collect(reduction_);
+  }
+
+  variable_list apply_with_saved(const variable_list& grads,
+                                 torch::dynamo::autograd::SwapSavedVariables& saved) override {
+    for (auto* variable : saved_variables()) saved.before(*variable);
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 7)
+    // Since torch 2.7 the graph is first captured with placeholder tensors (sizes unknown), so
+    // the backward goes in as one opaque call, traced later with real shapes.
+    const SavedLoss s = unpacked();
+    torch::dynamo::autograd::PackedArgs packed;
+    packed.pack(s.has_bias);
+    packed.pack(s.sparse_grad);
+    packed.pack(s.objective);
+    packed.pack(s.ignore_index);
+    packed.pack(s.reduction);
+    for (const auto* t : {&s.hidden, &s.weight, &s.target, &s.negatives, &s.coef}) packed.pack(*t);
+    if (s.reduction == kMean) packed.pack(s.count);
+    std::vector<bool> needs;
+    for (size_t i = 0; i < kNumInputs; ++i) needs.push_back(task_should_compute_output(i));
+    packed.pack(needs);
+    const auto& args = packed.vec();
+    std::vector<at::TypePtr> schema;
+    for (const auto& value : args) {
+      schema.push_back(value.isTensor() ? at::TensorType::get() : value.type());
+    }
+    const auto& py = torch::dynamo::autograd::getPyCompilerInterface();
+    // Bound once per process: the schema above is the same for every call of one reduction.
+    static std::mutex bind_mutex;
+    static std::string names[3];
+    std::string fn_name;
+    {
+      std::lock_guard<std::mutex> lock(bind_mutex);
+      std::string& bound = names[s.reduction];
+      if (bound.empty()) {
+        bound = py->bind_function(saved.get_py_compiler(),
+                                  name() + std::to_string(s.reduction), apply_functional, schema);
+      }
+      fn_name = bound;
+    }
+    const auto output_metadata =
+        torch::dynamo::autograd::IValuePacker<std::vector<std::optional<torch::autograd::InputMetadata>>>::pack(
+            torch::dynamo::autograd::get_input_metadata(next_edges()));
+    variable_list result = py->call_function(saved.get_py_compiler(), "apply_functional",
+                                             fn_name, grads, args, output_metadata);
+#else
+    // Before torch 2.7 the graph is captured by running the backward on proxies.
+    variable_list result = apply(variable_list(grads));
+#endif
+    for (auto* variable : saved_variables()) saved.after(*variable);
+    return result;
+  }
+
   torch::autograd::SavedVariable hidden_, weight_, target_, negatives_, coef_, count_;
   bool has_bias_ = false;
   bool sparse_grad_ = false;
@@ -159,66 +298,40 @@ struct SampledLossBackward : public torch::autograd::Node {
   int64_t reduction_ = kMean;
 
  private:
-  variable_list gradients(at::Tensor grad_loss) {
-    static const auto backward_dense = find_op<BackwardSig>("fused_nce::sampled_loss_backward");
-    static const auto backward_rows =
-        find_op<BackwardRowsSig>("fused_nce::sampled_loss_backward_rows");
-    static const auto backward_hidden =
-        find_op<BackwardHiddenSig>("fused_nce::sampled_loss_backward_hidden");
-    // The ops below have no gradient of their own: skip the Autograd dispatch key (a boxed
-    // fallback that inspects every argument) and call their kernels directly.
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    const at::Tensor hidden = hidden_.unpack(), weight = weight_.unpack(),
-                     target = target_.unpack(), negatives = negatives_.unpack(),
-                     coef = coef_.unpack();
-    // dloss/dloss_i: [N], or under a reduction one scalar for every example (the backward ops
-    // take either).
-    if (reduction_ == kMean) grad_loss = divide(grad_loss, count_.unpack());
-    const bool needs_weight =
-        should_compute_output(kWeight) || (has_bias_ && should_compute_output(kBias));
-    at::Tensor grad_hidden, grad_weight, grad_bias, grad_log_z;
-    if (needs_weight) {
-      if (sparse_grad_) {
-        auto [gh, rows, weight_rows, bias_rows] = backward_rows.call(
-            grad_loss, coef, hidden, weight, has_bias_, target, negatives, ignore_index_);
-        grad_hidden = gh;
-        grad_weight = rows_to_sparse(rows, weight_rows, weight.sym_sizes());
-        if (has_bias_) grad_bias = rows_to_sparse(rows, bias_rows, weight.sym_sizes().slice(0, 1));
-      } else {
-        std::tie(grad_hidden, grad_weight, grad_bias) = backward_dense.call(
-            grad_loss, coef, hidden, weight, has_bias_, target, negatives, ignore_index_);
-        if (!has_bias_) grad_bias = at::Tensor();
-      }
-    } else if (should_compute_output(kHidden)) {
-      // A frozen output layer: grad_hidden alone, no weight rows at all.
-      grad_hidden = backward_hidden.call(grad_loss, coef, hidden, weight, target, negatives,
-                                         ignore_index_);
-    }
-    if (objective_ == 0 && should_compute_output(kLogZ)) {
-      // NCE's d = s - log_z - log(k q): dloss/dlog_z = -sum_ij dloss/ds_ij. Summed per example,
-      // then by a scan (after a leading zero, for an empty batch): both add in one order whatever
-      // the thread count, where sum() over everything splits a long sum across threads.
-      const auto per_example =
-          ((grad_loss.dim() == 0 ? grad_loss : grad_loss.unsqueeze(1)) * coef).sum(1);
-      grad_log_z = -at::pad(per_example, {1, 0}).cumsum(0).select(0, -1);
-    }
-    return {grad_hidden, grad_weight, grad_bias, grad_log_z};
+  std::array<torch::autograd::SavedVariable*, 6> saved_variables() {
+    return {&hidden_, &weight_, &target_, &negatives_, &coef_, &count_};
+  }
+  std::array<const torch::autograd::SavedVariable*, 6> saved_variables() const {
+    return {&hidden_, &weight_, &target_, &negatives_, &coef_, &count_};
   }
 
-  // grad / count for the mean. Two CPU scalars of one dtype are divided here, as the division op
-  // would (same dtype, same rounding), without its dispatch and TensorIterator set-up.
-  static at::Tensor divide(const at::Tensor& grad, const at::Tensor& count) {
-    if (grad.dim() != 0 || grad.scalar_type() != count.scalar_type() ||
-        !readable_on_host(grad) || !readable_on_host(count)) {
-      return grad / count;
-    }
-    at::Tensor out = at::empty({}, grad.options());
-    AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "fused_nce_mean_grad", [&] {
-      *out.mutable_data_ptr<scalar_t>() =
-          *grad.const_data_ptr<scalar_t>() / *count.const_data_ptr<scalar_t>();
-    });
-    return out;
+  SavedLoss unpacked() const {
+    return {hidden_.unpack(), weight_.unpack(),    target_.unpack(), negatives_.unpack(),
+            coef_.unpack(),   count_.unpack(),     has_bias_,        sparse_grad_,
+            objective_,       ignore_index_,       reduction_};
   }
+
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 7)
+  // The backward as compiled autograd calls it: the values packed by apply_with_saved.
+  static variable_list apply_functional(const variable_list& grads,
+                                        const std::vector<c10::IValue>& args) {
+    torch::dynamo::autograd::PackedArgs packed(args);
+    SavedLoss s;
+    s.has_bias = packed.unpack<bool>();
+    s.sparse_grad = packed.unpack<bool>();
+    s.objective = packed.unpack<int64_t>();
+    s.ignore_index = packed.unpack<int64_t>();
+    s.reduction = packed.unpack<int64_t>();
+    for (auto* t : {&s.hidden, &s.weight, &s.target, &s.negatives, &s.coef}) {
+      *t = packed.unpack<at::Tensor>();
+    }
+    if (s.reduction == kMean) s.count = packed.unpack<at::Tensor>();
+    const auto needs = packed.unpack<std::vector<bool>>();
+    if (!grads[0].defined()) return variable_list(kNumInputs);
+    at::AutoGradMode no_grad(false);
+    return loss_gradients(grads[0], s, {needs[0], needs[1], needs[2], needs[3]});
+  }
+#endif
 };
 
 // A new node, held as this torch holds graph nodes (shared_ptr before torch 2.13,
