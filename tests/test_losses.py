@@ -261,6 +261,23 @@ def test_inference_mode_no_grad_and_grad_mode_agree(device, reduction):
     assert no_grad.grad_fn is None and with_grad.grad_fn is not None
 
 
+def test_graph_node_keeps_its_tensors_only_while_retained(device):
+    """The loss's graph node: retain_graph keeps its saved tensors (a second backward adds the
+    same gradients again); without it they are freed, and another backward raises autograd's
+    own error instead of reading freed memory."""
+    p = make_problem(n=9, device=device)
+    h, w, b = p.leaves()
+    loss = fused_nce.nce_loss(h, w, b, p.target, p.sampler, negatives=p.negatives)
+    assert loss.grad_fn.name() == "SampledLossBackward"
+    loss.backward(retain_graph=True)
+    first = [t.grad.clone() for t in (h, w, b)]
+    loss.backward()
+    for t, g in zip((h, w, b), first):
+        torch.testing.assert_close(t.grad, 2 * g)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        loss.backward()
+
+
 # torch's forward-mode machinery scripts helpers on first use, under its own deprecation warning.
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 def test_frozen_inputs_record_no_graph_and_tangents_are_refused(device):
