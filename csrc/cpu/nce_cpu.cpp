@@ -679,15 +679,26 @@ Gradients backward_cpu(const at::Tensor& grad_loss, const at::Tensor& coef,
                      [&](int64_t begin, int64_t end) {
       std::vector<acc_t> acc(dim), coefs(1 + k);
       std::vector<int64_t> example_rows(1 + k), out_rows(1 + k);
+      // Local copies: the stores below could alias the captured values, which the loop would
+      // then reload from memory on every entry.
+      const int64_t num_negs = k, last_column = shared ? 0 : k, cols = 1 + k;
+      const int64_t ignored_class = ignore_index;
+      const acc_t* const coef_rows = cp;
+      const acc_t* const grad_rows = gp;
+      const int64_t* const targets = tp;
+      const int64_t* const negs = np;
       for (int64_t i = begin; i < end; ++i) {
         // The rows with a non-zero coefficient, in entry order (a zero one is never read); an
-        // ignored example has none.
+        // ignored example has none. c is coef_at(i, j), computed the same way.
         int64_t m = 0;
-        if (tp[i] != ignore_index) {
-          for (int64_t j = 0; j <= (shared ? 0 : k); ++j) {
-            const acc_t c = coef_at(i, j);
+        const int64_t t = targets[i];
+        if (t != ignored_class) {
+          const acc_t* c_row = coef_rows + i * cols;
+          const acc_t g_i = shared ? acc_t(1) : grad_rows[i * g_stride];
+          for (int64_t j = 0; j <= last_column; ++j) {
+            const acc_t c = shared ? c_row[j] : c_row[j] * g_i;
             if (c == 0) continue;
-            example_rows[m] = j == 0 ? tp[i] : np[i * k + j - 1];
+            example_rows[m] = j == 0 ? t : negs[i * num_negs + j - 1];
             coefs[m++] = c;
           }
         }
