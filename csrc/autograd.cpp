@@ -129,11 +129,13 @@ struct SavedLoss {
 enum Input : size_t { kHidden = 0, kWeight = 1, kBias = 2, kLogZ = 3, kNumInputs = 4 };
 using NeedsGrad = std::array<bool, kNumInputs>;
 
-// grad / count for the mean. Two CPU scalars of one dtype are divided here, as the division op
-// would (same dtype, same rounding), without its dispatch and TensorIterator set-up.
+// grad / count for the mean. Two plain CPU scalars of one dtype are divided here, as the division
+// op would (same dtype, same rounding), without its dispatch and TensorIterator set-up. Anything
+// else goes through the op: a negative or zero view of the gradient (its flags are resolved by the
+// dispatcher, not stored in its data), a device tensor, a traced one.
 at::Tensor mean_grad(const at::Tensor& grad, const at::Tensor& count) {
-  if (grad.dim() != 0 || grad.scalar_type() != count.scalar_type() || !readable_on_host(grad) ||
-      !readable_on_host(count)) {
+  if (grad.dim() != 0 || grad.scalar_type() != count.scalar_type() || grad.is_neg() ||
+      grad._is_zerotensor() || !readable_on_host(grad) || !readable_on_host(count)) {
     return grad / count;
   }
   at::Tensor out = at::empty({}, grad.options());
@@ -210,9 +212,13 @@ struct SampledLossBackward : public torch::autograd::Node {
     variable_list result;
     {
       at::AutoGradMode no_grad(false);
+      // Only the gradients this backward was asked for (task_should_compute_output is false for
+      // an input left out of autograd.grad(loss, inputs) or backward(inputs=...)).
       result = loss_gradients(grads[0], unpacked(),
-                              {should_compute_output(kHidden), should_compute_output(kWeight),
-                               should_compute_output(kBias), should_compute_output(kLogZ)});
+                              {task_should_compute_output(kHidden),
+                               task_should_compute_output(kWeight),
+                               task_should_compute_output(kBias),
+                               task_should_compute_output(kLogZ)});
     }
     if (at::GradMode::is_enabled()) {
       // Under create_graph: once differentiable. The gradients require grad (they depend on

@@ -278,6 +278,55 @@ def test_graph_node_keeps_its_tensors_only_while_retained(device):
         loss.backward()
 
 
+def test_backward_runs_only_for_the_gradients_asked_for():
+    """autograd.grad(loss, [hidden]) with a trainable weight runs the grad_hidden-only backward
+    (no weight rows at all), and asking for log_z alone runs no backward kernel; the gradients
+    are those of a full backward."""
+    p = make_problem(n=9)
+    h, w, b = p.leaves()
+    log_z = torch.tensor(0.1, requires_grad=True)
+    loss = fused_nce.nce_loss(h, w, b, p.target, p.sampler, negatives=p.negatives, log_z=log_z)
+    everything = torch.autograd.grad(loss, [h, w, b, log_z], retain_graph=True)
+
+    def ops_run_for(inputs):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            grads = torch.autograd.grad(loss, inputs, retain_graph=True)
+        names = {e.name for e in prof.events() if e.name.startswith("fused_nce::")}
+        return grads, names
+
+    (grad_hidden,), names = ops_run_for([h])
+    assert names == {"fused_nce::sampled_loss_backward_hidden"}
+    assert torch.equal(grad_hidden, everything[0])
+    (grad_log_z,), names = ops_run_for([log_z])
+    assert names == set()
+    assert torch.equal(grad_log_z, everything[3])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_negative_view_of_the_incoming_gradient(reduction):
+    """An incoming gradient that is a negative view (its sign a flag, not in its data) is read
+    with its sign, as the dispatcher would."""
+    class TwiceNegated(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return (grad * 2)._neg_view()
+
+    p = make_problem(n=9)
+    grads = []
+    for wrap in (False, True):
+        h, w, b = p.leaves()
+        loss = fused_nce.nce_loss(h, w, b, p.target, p.sampler, negatives=p.negatives,
+                                  reduction=reduction)
+        (TwiceNegated.apply(loss) if wrap else loss).backward()
+        grads.append([h.grad, w.grad, b.grad])
+    for plain, negated in zip(*grads):
+        torch.testing.assert_close(negated, -2 * plain)
+
+
 # torch's forward-mode machinery scripts helpers on first use, under its own deprecation warning.
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 def test_frozen_inputs_record_no_graph_and_tangents_are_refused(device):
