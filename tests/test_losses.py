@@ -327,6 +327,26 @@ def test_negative_view_of_the_incoming_gradient(reduction):
         torch.testing.assert_close(negated, -2 * plain)
 
 
+def test_torch_func_grad_and_vjp_match_autograd():
+    """torch.func's reverse-mode transforms go through the same graph node: grad and vjp give
+    autograd's gradients."""
+    p = make_problem(n=9)
+    leaves = p.leaves()
+
+    def loss(hidden, weight, bias):
+        return fused_nce.nce_loss(hidden, weight, bias, p.target, p.sampler,
+                                  negatives=p.negatives)
+
+    loss(*leaves).backward()
+    expected = [t.grad for t in leaves]
+    plain = [t.detach() for t in leaves]
+    by_grad = torch.func.grad(loss, argnums=(0, 1, 2))(*plain)
+    by_vjp = torch.func.vjp(loss, *plain)[1](torch.tensor(1.0))
+    for g, v, e in zip(by_grad, by_vjp, expected):
+        torch.testing.assert_close(g, e)
+        torch.testing.assert_close(v, e)
+
+
 # torch's forward-mode machinery scripts helpers on first use, under its own deprecation warning.
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 def test_frozen_inputs_record_no_graph_and_tangents_are_refused(device):
