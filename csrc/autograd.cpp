@@ -29,6 +29,7 @@ namespace {
 
 using torch::autograd::variable_list;
 using OptTensor = std::optional<at::Tensor>;
+namespace compiled_autograd = torch::dynamo::autograd;
 
 using ForwardSig = std::tuple<at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const OptTensor&, const at::Tensor&, const at::Tensor&,
@@ -207,7 +208,8 @@ struct SampledLossBackward : public torch::autograd::Node {
 
   variable_list apply(variable_list&& grads) override {
     std::lock_guard<std::mutex> lock(mutex_);
-    // An undefined gradient stands for zeros: so are the inputs' gradients.
+    // An undefined gradient stands for zeros: so do the inputs' (undefined, as torch's own nodes
+    // return them).
     if (!grads[0].defined()) return variable_list(num_outputs());
     variable_list result;
     {
@@ -237,7 +239,7 @@ struct SampledLossBackward : public torch::autograd::Node {
 
   // Compiled autograd (torch._dynamo.compiled_autograd): the values that specialize a traced
   // backward, and the backward as a call in its graph.
-  void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& args) const override {
+  void compiled_args(compiled_autograd::CompiledNodeArgs& args) const override {
     for (const auto* saved : saved_variables()) args.collect(*saved, /*is_output=*/false);
     args.collect(has_bias_);
     args.collect(sparse_grad_);
@@ -247,13 +249,13 @@ struct SampledLossBackward : public torch::autograd::Node {
   }
 
   variable_list apply_with_saved(const variable_list& grads,
-                                 torch::dynamo::autograd::SwapSavedVariables& saved) override {
+                                 compiled_autograd::SwapSavedVariables& saved) override {
     for (auto* variable : saved_variables()) saved.before(*variable);
 #if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 7)
     // Since torch 2.7 the graph is first captured with placeholder tensors (sizes unknown), so
     // the backward goes in as one opaque call, traced later with real shapes.
     const SavedLoss s = unpacked();
-    torch::dynamo::autograd::PackedArgs packed;
+    compiled_autograd::PackedArgs packed;
     packed.pack(s.has_bias);
     packed.pack(s.sparse_grad);
     packed.pack(s.objective);
@@ -269,7 +271,7 @@ struct SampledLossBackward : public torch::autograd::Node {
     for (const auto& value : args) {
       schema.push_back(value.isTensor() ? at::TensorType::get() : value.type());
     }
-    const auto& py = torch::dynamo::autograd::getPyCompilerInterface();
+    const auto& py = compiled_autograd::getPyCompilerInterface();
     // Bound once per process: the schema above is the same for every call of one reduction.
     static std::mutex bind_mutex;
     static std::string names[3];
@@ -283,9 +285,9 @@ struct SampledLossBackward : public torch::autograd::Node {
       }
       fn_name = bound;
     }
-    const auto output_metadata =
-        torch::dynamo::autograd::IValuePacker<std::vector<std::optional<torch::autograd::InputMetadata>>>::pack(
-            torch::dynamo::autograd::get_input_metadata(next_edges()));
+    using Metadata = std::vector<std::optional<torch::autograd::InputMetadata>>;
+    const auto output_metadata = compiled_autograd::IValuePacker<Metadata>::pack(
+        compiled_autograd::get_input_metadata(next_edges()));
     variable_list result = py->call_function(saved.get_py_compiler(), "apply_functional",
                                              fn_name, grads, args, output_metadata);
 #else
@@ -321,7 +323,7 @@ struct SampledLossBackward : public torch::autograd::Node {
   // The backward as compiled autograd calls it: the values packed by apply_with_saved.
   static variable_list apply_functional(const variable_list& grads,
                                         const std::vector<c10::IValue>& args) {
-    torch::dynamo::autograd::PackedArgs packed(args);
+    compiled_autograd::PackedArgs packed(args);
     SavedLoss s;
     s.has_bias = packed.unpack<bool>();
     s.sparse_grad = packed.unpack<bool>();
@@ -340,8 +342,8 @@ struct SampledLossBackward : public torch::autograd::Node {
 #endif
 };
 
-// A new node, held as this torch holds graph nodes (shared_ptr before torch 2.13,
-// intrusive_ptr since).
+// A new node, held as the torch built against holds graph nodes (shared_ptr in torch 2.11,
+// intrusive_ptr in 2.13).
 template <typename T>
 auto make_node() {
   using NodePtr = decltype(torch::autograd::Edge::function);
