@@ -124,8 +124,8 @@ def main() -> None:
         F.cross_entropy(F.linear(hidden, weight, bias), target).backward()
 
     cases: Dict[str, Callable[[], None]] = {
-        "floor": floor, "floor, 3 leaves": floor_three_leaves, "forward": forward, "forward+backward": forward_backward,
-        "forward explicit": forward_explicit,
+        "floor": floor, "floor, 3 leaves": floor_three_leaves, "forward": forward,
+        "forward+backward": forward_backward, "forward explicit": forward_explicit,
         "forward+backward explicit": forward_backward_explicit,
         "forward+backward grads None": forward_backward_grads_none, "full softmax": full_softmax}
     meta = dict(device=f"{platform.processor() or platform.machine()} x{args.threads} threads",

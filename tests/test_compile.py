@@ -167,7 +167,8 @@ def test_compiled_autograd_matches_eager(device, sparse_grad, reduction):
                                   sparse_grad=sparse_grad)
         loss = loss if reduction != "none" else (loss * torch.arange(14, device=device)).sum()
         if compiled:
-            with compiled_autograd._enable(torch.compile(backend="aot_eager", fullgraph=not sparse_grad)):
+            compiler = torch.compile(backend="aot_eager", fullgraph=not sparse_grad)
+            with compiled_autograd._enable(compiler):
                 loss.backward()
         else:
             loss.backward()
