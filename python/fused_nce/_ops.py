@@ -1,4 +1,4 @@
-"""The registered ops, their fake (meta) kernels and the autograd Function over them."""
+"""The registered ops and their fake (meta) kernels (the loss op's autograd: csrc/autograd.cpp)."""
 
 from __future__ import annotations
 
