@@ -115,15 +115,19 @@ at::Tensor reduce(const at::Tensor& loss, const at::Tensor& target, int64_t igno
   return reduction == kSum ? loss.sum() : loss.sum() / *count;
 }
 
-// What the loss's backward reads: the forward's inputs and coefficients, the example count of
-// the mean, and the op's arguments.
-struct SavedLoss {
-  at::Tensor hidden, weight, target, negatives, coef, count;
+// The op's arguments that its backward reads.
+struct LossArgs {
   bool has_bias = false;
   bool sparse_grad = false;
   int64_t objective = 0;
   int64_t ignore_index = 0;
   int64_t reduction = kMean;
+};
+
+// What the loss's backward reads: those arguments, the forward's inputs and coefficients, and the
+// example count of the mean.
+struct SavedLoss : LossArgs {
+  at::Tensor hidden, weight, target, negatives, coef, count;
 };
 
 // The inputs with a gradient edge, in the node's edge order.
@@ -149,6 +153,9 @@ at::Tensor mean_grad(const at::Tensor& grad, const at::Tensor& count) {
 
 // The gradients of hidden, weight, bias and log_z (undefined where not needed) from dloss.
 variable_list loss_gradients(at::Tensor grad_loss, const SavedLoss& s, const NeedsGrad& needs) {
+  // An undefined gradient stands for zeros: so do the inputs' (undefined, as torch's own nodes
+  // return them).
+  if (!grad_loss.defined()) return variable_list(kNumInputs);
   static const auto backward_dense = find_op<BackwardSig>("fused_nce::sampled_loss_backward");
   static const auto backward_rows =
       find_op<BackwardRowsSig>("fused_nce::sampled_loss_backward_rows");
@@ -208,9 +215,6 @@ struct SampledLossBackward : public torch::autograd::Node {
 
   variable_list apply(variable_list&& grads) override {
     std::lock_guard<std::mutex> lock(mutex_);
-    // An undefined gradient stands for zeros: so do the inputs' (undefined, as torch's own nodes
-    // return them).
-    if (!grads[0].defined()) return variable_list(num_outputs());
     variable_list result;
     {
       at::AutoGradMode no_grad(false);
@@ -241,11 +245,11 @@ struct SampledLossBackward : public torch::autograd::Node {
   // backward, and the backward as a call in its graph.
   void compiled_args(compiled_autograd::CompiledNodeArgs& args) const override {
     for (const auto* saved : saved_variables()) args.collect(*saved, /*is_output=*/false);
-    args.collect(has_bias_);
-    args.collect(sparse_grad_);
-    args.collect(objective_);
-    args.collect(ignore_index_);
-    args.collect(reduction_);
+    args.collect(args_.has_bias);
+    args.collect(args_.sparse_grad);
+    args.collect(args_.objective);
+    args.collect(args_.ignore_index);
+    args.collect(args_.reduction);
   }
 
   variable_list apply_with_saved(const variable_list& grads,
@@ -299,11 +303,7 @@ struct SampledLossBackward : public torch::autograd::Node {
   }
 
   torch::autograd::SavedVariable hidden_, weight_, target_, negatives_, coef_, count_;
-  bool has_bias_ = false;
-  bool sparse_grad_ = false;
-  int64_t objective_ = 0;
-  int64_t ignore_index_ = 0;
-  int64_t reduction_ = kMean;
+  LossArgs args_;
 
  private:
   std::array<torch::autograd::SavedVariable*, 6> saved_variables() {
@@ -314,9 +314,8 @@ struct SampledLossBackward : public torch::autograd::Node {
   }
 
   SavedLoss unpacked() const {
-    return {hidden_.unpack(), weight_.unpack(),    target_.unpack(), negatives_.unpack(),
-            coef_.unpack(),   count_.unpack(),     has_bias_,        sparse_grad_,
-            objective_,       ignore_index_,       reduction_};
+    return {args_, hidden_.unpack(), weight_.unpack(), target_.unpack(), negatives_.unpack(),
+            coef_.unpack(), count_.unpack()};
   }
 
 #if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 7)
@@ -335,7 +334,6 @@ struct SampledLossBackward : public torch::autograd::Node {
     }
     if (s.reduction == kMean) s.count = packed.unpack<at::Tensor>();
     const auto needs = packed.unpack<std::vector<bool>>();
-    if (!grads[0].defined()) return variable_list(kNumInputs);
     at::AutoGradMode no_grad(false);
     return loss_gradients(grads[0], s, {needs[0], needs[1], needs[2], needs[3]});
   }
@@ -408,11 +406,8 @@ at::Tensor sampled_loss_autograd(const at::Tensor& hidden, const at::Tensor& wei
   node->negatives_ = torch::autograd::SavedVariable(negatives, false);
   node->coef_ = torch::autograd::SavedVariable(coef, false);
   node->count_ = torch::autograd::SavedVariable(count, false);
-  node->has_bias_ = bias.has_value() && bias->defined();
-  node->sparse_grad_ = sparse_grad;
-  node->objective_ = objective;
-  node->ignore_index_ = ignore_index;
-  node->reduction_ = reduction;
+  node->args_ = {bias.has_value() && bias->defined(), sparse_grad, objective, ignore_index,
+                 reduction};
   torch::autograd::set_history(reduced, node);
   return reduced;
 }
