@@ -101,6 +101,39 @@ def loss_and_grads(run, objective, p: Problem, **kwargs):
     return loss.detach(), [leaf.grad for leaf in leaves]
 
 
+def runs_per_thread_count(compute, schedule):
+    """``compute()`` once per entry of ``schedule`` (thread counts, e.g. ``[2, 1, 2, 1]``), each
+    under that many threads; returns ``{threads: [results...]}`` in run order. The caller's
+    thread count is restored afterwards."""
+    before = torch.get_num_threads()
+    runs: dict = {}
+    try:
+        for num_threads in schedule:
+            torch.set_num_threads(num_threads)
+            runs.setdefault(num_threads, []).append(compute())
+    finally:
+        torch.set_num_threads(before)
+    return runs
+
+
+def assert_bitwise_reproducible(runs, across_thread_counts):
+    """Every run of ``runs_per_thread_count`` equals the first at its thread count, bit for bit;
+    with ``across_thread_counts`` also the first run at every other thread count.
+
+    Shared negatives hand their [k, N] x [N, D] sums to torch's BLAS (MKL / oneDNN on x86),
+    whose blocking, and so summation order, may change with the thread count on some CPUs
+    (seen on AVX-512 Xeons): those paths promise what torch promises, the same bits at a fixed
+    thread count. The per-example paths sum every row in a fixed order whatever the thread count.
+    """
+    groups = list(runs.values())
+    first = groups[0][0]
+    for group in groups:
+        for tensors in group:
+            expected = first if across_thread_counts else group[0]
+            for got, want in zip(tensors, expected):
+                assert torch.equal(got, want)
+
+
 # ---- the alias sampler ----
 
 def chi_square_p_upper(statistic, dof):

@@ -5,8 +5,9 @@ import torch
 
 import fused_nce
 from conftest import OBJECTIVES
-from helpers import (TOLERANCE, deterministic_algorithms, loss_and_grads, make_problem,
-                     run_fused, run_reference)
+from helpers import (TOLERANCE, assert_bitwise_reproducible, deterministic_algorithms,
+                     loss_and_grads, make_problem, run_fused, run_reference,
+                     runs_per_thread_count)
 
 
 @pytest.fixture
@@ -34,22 +35,17 @@ def gradients(objective, p, sparse_grad):
 def test_backward_is_bitwise_reproducible(deterministic, device, objective, shared, sparse_grad,
                                           dtype):
     """Many examples hitting a handful of rows (every row summed from hundreds of entries), run
-    repeatedly and with different thread counts: the same bits every time. On the CPU one thread
-    adds the entries straight into the rows while several threads sort them by row first (the
-    weight gradient's entries times D is above the CPU kernel's serial threshold, 2^18)."""
+    repeatedly at each of two thread counts: the same bits every time at one thread count, and,
+    for per-example negatives, across thread counts too (see assert_bitwise_reproducible). On
+    the CPU one thread adds the entries straight into the rows while several threads sort them
+    by row first (the weight gradient's entries times D is above the CPU kernel's serial
+    threshold, 2^18)."""
     p = make_problem(n=7000 if shared else 600, dim=40, num_classes=7, k=24, dtype=dtype,
                      device=device, shared=shared)
-    threads = torch.get_num_threads()
-    runs = []
-    try:
-        for num_threads in [threads, 1, threads, threads]:
-            torch.set_num_threads(num_threads)
-            runs.append(gradients(objective, p, sparse_grad))
-    finally:
-        torch.set_num_threads(threads)
-    for grads in runs[1:]:
-        for g, g0 in zip(grads, runs[0]):
-            assert torch.equal(g, g0)
+    threads = max(2, torch.get_num_threads())
+    runs = runs_per_thread_count(lambda: gradients(objective, p, sparse_grad),
+                                 [threads, 1, threads, 1, threads])
+    assert_bitwise_reproducible(runs, across_thread_counts=not shared)
 
 
 def test_deterministic_gradients_are_still_right(deterministic, device):

@@ -7,8 +7,9 @@ import torch.autograd.forward_ad as fwAD
 import fused_nce
 from fused_nce import reference
 from conftest import DTYPES, OBJECTIVES
-from helpers import (TOLERANCE, deterministic_algorithms, loss_and_grads, make_problem,
-                     run_fused, run_reference)
+from helpers import (TOLERANCE, assert_bitwise_reproducible, deterministic_algorithms,
+                     loss_and_grads, make_problem, run_fused, run_reference,
+                     runs_per_thread_count)
 
 
 def assert_close(actual, expected, tol, what):
@@ -160,20 +161,14 @@ def test_noise_as_weights_tensor(device):
 
 @pytest.mark.parametrize("shared", [False, True], ids=["per_example", "shared"])
 def test_backward_is_bitwise_reproducible(device, shared):
+    """CPU: always, outside deterministic mode too. CUDA: in deterministic mode (atomics
+    otherwise). Across thread counts only where the path promises it (helpers)."""
     p = make_problem(n=300, dim=64, num_classes=40, k=16, device=device, shared=shared)
-    runs = []
-    threads = torch.get_num_threads()
-    # CPU: always (whatever the thread count). CUDA: in deterministic mode (atomics otherwise).
-    try:
-        with deterministic_algorithms(p.hidden.is_cuda):
-            for num_threads in [1, threads, 1]:
-                torch.set_num_threads(num_threads)
-                runs.append(loss_and_grads(run_fused, "nce", p)[1])
-    finally:
-        torch.set_num_threads(threads)
-    for grads in runs[1:]:
-        for g, g0 in zip(grads, runs[0]):
-            assert torch.equal(g, g0)
+    threads = max(2, torch.get_num_threads())
+    with deterministic_algorithms(p.hidden.is_cuda):
+        runs = runs_per_thread_count(lambda: loss_and_grads(run_fused, "nce", p)[1],
+                                     [1, threads, 1, threads])
+    assert_bitwise_reproducible(runs, across_thread_counts=not shared)
 
 
 def test_opcheck(device):
