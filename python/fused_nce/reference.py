@@ -1,7 +1,8 @@
 """The losses in plain PyTorch ops: the oracle for the tests and the baseline for the benchmarks.
 
 These take explicit negatives and noise probabilities (no sampling) and materialize the gathered
-rows ``[N, k, D]``, as a straightforward implementation would. Accumulation follows the kernels:
+rows ``[N, k, D]``, as a straightforward implementation would (gathered in the input dtype, then
+converted: never the whole table). Accumulation follows the kernels:
 float32 for half / bfloat16 / float32 inputs, float64 for float64.
 """
 
@@ -19,23 +20,25 @@ TINY_PROB = 1.401298464324817e-45
 
 def _scores(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
             negatives: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Target scores [N], negative scores [N, k], flat targets [N] and negatives [N, k]."""
+    """Target scores [N], negative scores [N, k], flat targets [N] and negatives [N, k].
+
+    Rows are gathered in the input dtype first and only the gathered rows are converted to the
+    accumulation dtype: never a copy of the whole ``[V, D]`` table or its gradient."""
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     h = hidden.reshape(-1, hidden.shape[-1]).to(acc)
     t = target.reshape(-1)
-    w = weight.to(acc)
-    b = bias.to(acc) if bias is not None else None
+    safe_t = t.clamp(0, weight.shape[0] - 1)
     k = negatives.shape[-1]
     if negatives.dim() == 1:
         n = negatives.expand(h.shape[0], k)
-        neg = h @ w[negatives].T
+        neg = h @ weight[negatives].to(acc).T
     else:
         n = negatives.reshape(-1, k)
-        neg = torch.einsum("nd,nkd->nk", h, w[n])
-    pos = (h * w[t.clamp(0, weight.shape[0] - 1)]).sum(-1)
-    if b is not None:
-        pos = pos + b[t.clamp(0, weight.shape[0] - 1)]
-        neg = neg + b[n]
+        neg = torch.einsum("nd,nkd->nk", h, weight[n].to(acc))
+    pos = (h * weight[safe_t].to(acc)).sum(-1)
+    if bias is not None:
+        pos = pos + bias[safe_t].to(acc)
+        neg = neg + bias[n].to(acc)
     return pos, neg, t, n
 
 
