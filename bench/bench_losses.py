@@ -1,13 +1,22 @@
-"""Microbenchmark: fused kernels vs fused_nce.reference vs full softmax.
+"""Microbenchmark: the fused losses against the PyTorch a careful user writes, and full softmax.
 
-For each negatives mode (per-example, shared) and objective: forward+backward time (median of
-repeats after warm-up; CUDA events on a GPU) and extra peak memory (beyond the inputs and the
-gradients). Prints a table and writes one long CSV. Defaults: N=4096, D=256, k=64, V=100,000,
-float32, on CUDA when present, else CPU. Targets and negatives are drawn from a Zipfian
-(log-uniform) distribution, as words are: the most frequent class takes ~5% of all entries, the
-hot-row case of the row-gradient sums. Providers: fused (dense gradients), fused_sparse
-(sparse_grad=True: only the touched rows), reference, and with shared negatives on the CPU,
-TensorFlow's tf.nn.nce_loss / tf.nn.sampled_softmax_loss when tensorflow is installed.
+For each negatives mode (per-example, shared, in-batch) and objective: forward+backward time
+(median of repeats after warm-up; CUDA events on a GPU) and extra peak memory (beyond the inputs
+and the gradients). Prints a table and writes one long CSV. Defaults: N=4096, D=256, k=64 per
+example, k=1024 shared, V=100,000, float32, on CUDA when present, else CPU. Targets and
+negatives are drawn from a Zipfian (log-uniform) distribution, as words are: the most frequent
+class takes ~5% of all entries, the hot-row case of the row-gradient sums.
+
+Providers (each checked against ``fused`` on the same inputs before it is timed):
+- fused: dense gradients; fused_sparse: ``sparse_grad=True`` (only the touched rows);
+- pytorch, pytorch_compiled, pytorch_sparse: bench/baselines.py, rows gathered first in the
+  input dtype, GEMM / bmm scores, float32 loss; eager, ``torch.compile`` (compile time in the
+  note; on a GPU also ``max-autotune-no-cudagraphs`` as pytorch_autotuned) and eager with
+  ``F.embedding(..., sparse=True)`` (the peer of fused_sparse);
+- reference: ``fused_nce.reference``, the tests' oracle (materializes ``[N, k, D]``), for the
+  record only: never a headline ratio;
+- tensorflow: with shared negatives on the CPU, ``tf.nn.nce_loss`` /
+  ``tf.nn.sampled_softmax_loss`` when tensorflow is installed.
 
     python bench/bench_losses.py [--device cpu] [--n 4096] [--csv bench/out/bench_losses.csv]
 """
@@ -28,10 +37,12 @@ from typing import Callable, Dict, List
 import torch
 import torch.nn.functional as F
 
+import baselines
 import fused_nce
 from fused_nce import reference
 
 OBJECTIVES = ["nce", "negative_sampling", "sampled_softmax"]
+BASELINES = ("pytorch", "pytorch_compiled", "pytorch_autotuned", "pytorch_sparse")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
 
@@ -85,7 +96,8 @@ class PeakMemory:
 
 def make_case(args, device: torch.device, dtype: torch.dtype, shared: bool, seed: int = 0):
     g = torch.Generator(device).manual_seed(seed)
-    n, dim, v, k = args.n, args.dim, args.num_classes, args.k
+    n, dim, v = args.n, args.dim, args.num_classes
+    k = args.shared_k if shared else args.k
     hidden = (torch.randn(n, dim, generator=g, device=device) / dim ** 0.5).to(dtype)
     weight = (torch.randn(v, dim, generator=g, device=device) * 0.1).to(dtype)
     bias = torch.zeros(v, device=device, dtype=dtype)
@@ -97,23 +109,99 @@ def make_case(args, device: torch.device, dtype: torch.dtype, shared: bool, seed
     return leaves, target, sampler, negatives
 
 
-def providers(objective: str) -> Dict[str, Callable]:
+def providers(objective: str, device: torch.device) -> Dict[str, Callable]:
+    """name -> step(h, w, b, t, sampler, negatives, log_q) returning the mean loss."""
     fused = getattr(fused_nce, f"{objective}_loss")
     ref = getattr(reference, f"{objective}_loss")
 
-    def run_fused(h, w, b, t, sampler, negatives):
+    def run_fused(h, w, b, t, sampler, negatives, log_q):
         return fused(h, w, b, t, sampler, negatives=negatives)
 
-    def run_fused_sparse(h, w, b, t, sampler, negatives):
+    def run_fused_sparse(h, w, b, t, sampler, negatives, log_q):
         return fused(h, w, b, t, sampler, negatives=negatives, sparse_grad=True)
 
-    def run_reference(h, w, b, t, sampler, negatives):
+    def run_reference(h, w, b, t, sampler, negatives, log_q):
         if objective == "negative_sampling":
             return ref(h, w, b, t, negatives)
         return ref(h, w, b, t, sampler.probs, negatives)
 
-    # fused_sparse: row-sparse weight / bias gradients (no dense [V, D] zero-fill).
-    return {"fused": run_fused, "fused_sparse": run_fused_sparse, "reference": run_reference}
+    def careful(h, w, b, t, negatives, log_q):
+        return baselines.sampled_loss(objective, h, w, b, t, negatives, log_q)
+
+    def careful_sparse(h, w, b, t, sampler, negatives, log_q):
+        return baselines.sampled_loss(objective, h, w, b, t, negatives, log_q, sparse=True)
+
+    def eager(fn):
+        return lambda h, w, b, t, sampler, negatives, log_q: fn(h, w, b, t, negatives, log_q)
+
+    steps = {"fused": run_fused, "fused_sparse": run_fused_sparse,
+             "pytorch": eager(careful), "pytorch_compiled": eager(baselines.compiled(careful))}
+    if device.type == "cuda":
+        steps["pytorch_autotuned"] = eager(baselines.compiled(careful,
+                                                              "max-autotune-no-cudagraphs"))
+    steps["pytorch_sparse"] = careful_sparse
+    steps["reference"] = run_reference
+    return steps
+
+
+def in_batch_case(args, device: torch.device, dtype: torch.dtype):
+    """N queries and their N candidates (a two-tower batch), Zipfian item ids, log q of each."""
+    g = torch.Generator(device).manual_seed(1)
+    n, dim = args.n, args.dim
+
+    def rows() -> torch.Tensor:
+        x = torch.randn(n, dim, generator=g, device=device)
+        return (x / x.norm(dim=1, keepdim=True)).to(dtype).requires_grad_()
+
+    sampler = fused_nce.AliasSampler(fused_nce.log_uniform_weights(args.num_classes),
+                                     device=device)
+    ids = sampler.sample(n, generator=g)
+    log_q = sampler.probs[ids].log()
+    temperature = torch.tensor(0.05, device=device)
+    return [rows(), rows()], ids, log_q, temperature
+
+
+def in_batch_providers(device: torch.device) -> Dict[str, Callable]:
+    """name -> step(query, candidates, ids, log_q, temperature) returning the mean loss."""
+    def fused(q, c, ids, log_q, temp):
+        return fused_nce.in_batch_softmax_loss(q, c, ids, log_q=log_q, temperature=temp)
+
+    steps = {"fused": fused, "pytorch": baselines.in_batch_loss,
+             "pytorch_compiled": baselines.compiled(baselines.in_batch_loss)}
+    if device.type == "cuda":
+        steps["pytorch_autotuned"] = baselines.compiled(baselines.in_batch_loss,
+                                                        "max-autotune-no-cudagraphs")
+    steps["reference"] = lambda q, c, ids, log_q, temp: reference.in_batch_softmax_loss(
+        q, c, ids, log_q=log_q, temperature=temp)
+    return steps
+
+
+def check_against(expected: Callable, step: Callable, leaves: List[torch.Tensor],
+                  dtype: torch.dtype) -> float:
+    """Runs both steps once on the same inputs and raises unless the loss and every gradient
+    agree; returns the seconds the step's call took (its compile, for a compiled one)."""
+    def run(fn):
+        for leaf in leaves:
+            leaf.grad = None
+        t0 = time.perf_counter()
+        loss = fn()
+        loss.backward()
+        if loss.is_cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        grads = [leaf.grad.to_dense() if leaf.grad.is_sparse else leaf.grad for leaf in leaves]
+        for leaf in leaves:
+            leaf.grad = None
+        return loss.detach().float(), [g.float() for g in grads], seconds
+
+    want_loss, want_grads, _ = run(expected)
+    got_loss, got_grads, seconds = run(step)
+    tol = 1e-4 if dtype in (torch.float32, torch.float64) else 2e-2
+    torch.testing.assert_close(got_loss, want_loss, rtol=tol, atol=tol)
+    for got, want in zip(got_grads, want_grads):
+        scale = want.abs().max().item() or 1.0
+        torch.testing.assert_close(got / scale, want / scale, rtol=tol, atol=tol)
+    return seconds
 
 
 def tensorflow_steps(leaves, target, k: int, threads: int) -> Dict[str, Callable[[], None]]:
@@ -216,13 +304,14 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=4096, help="examples (tokens) per step")
     parser.add_argument("--dim", type=int, default=256, help="D")
     parser.add_argument("--k", type=int, default=64, help="negatives per example")
+    parser.add_argument("--shared-k", type=int, default=1024, help="shared negatives per batch")
     parser.add_argument("--num-classes", type=int, default=100_000, help="V")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--objectives", nargs="+", choices=OBJECTIVES, default=OBJECTIVES)
-    parser.add_argument("--modes", nargs="+", choices=["per_example", "shared"],
-                        default=["per_example", "shared"])
+    parser.add_argument("--modes", nargs="+", choices=["per_example", "shared", "in_batch"],
+                        default=["per_example", "shared", "in_batch"])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-full-softmax", action="store_true", help="skip the O(V) baseline")
     parser.add_argument("--draws", type=int, default=None,
@@ -247,9 +336,9 @@ def main() -> None:
                    else f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads")
     meta = dict(device=device_name, torch=torch.__version__, date=datetime.date.today().isoformat(),
                 threads=torch.get_num_threads(), n=args.n, dim=args.dim, k=args.k,
-                num_classes=args.num_classes, dtype=args.dtype)
+                shared_k=args.shared_k, num_classes=args.num_classes, dtype=args.dtype)
     print(f"fused_nce microbenchmark on {device_name}, torch {torch.__version__}: "
-          f"N={args.n} D={args.dim} k={args.k} V={args.num_classes} {args.dtype}, "
+          f"N={args.n} D={args.dim} k={args.k} (shared {args.shared_k}) V={args.num_classes} {args.dtype}, "
           f"forward+backward, median of {args.repeats}")
 
     rows = []
@@ -266,14 +355,32 @@ def main() -> None:
         write_csv(args.csv, rows)
 
     for mode in args.modes:
-        leaves, target, sampler, negatives = make_case(args, device, dtype, mode == "shared")
-        for objective in args.objectives:
-            for name, fn in providers(objective).items():
-                step = lambda negs, fn=fn: fn(*leaves, target, sampler, negs)  # noqa: E731
+        if mode == "in_batch":
+            leaves, ids, log_q, temperature = in_batch_case(args, device, dtype)
+            steps = in_batch_providers(device)
+            args_of = (ids, log_q, temperature)
+            cases = [("in_batch_softmax", steps, lambda fn: lambda negs: fn(*leaves, *args_of))]
+            negatives = [None]
+        else:
+            leaves, target, sampler, negatives = make_case(args, device, dtype, mode == "shared")
+            log_q = sampler.probs.log()  # computed once, outside the step, as a user would
+            cases = [(objective, providers(objective, device),
+                      lambda fn: lambda negs, fn=fn: fn(*leaves, target, sampler, negs, log_q))
+                     for objective in args.objectives]
+        for objective, steps, bind in cases:
+            fused_step = bind(steps["fused"])
+            for name, fn in steps.items():
+                step = bind(fn)
+                note = ""
+                if name != "fused":
+                    seconds = check_against(lambda: fused_step(negatives[0]),
+                                            lambda: step(negatives[0]), leaves, dtype)
+                    if "compiled" in name or "autotuned" in name:
+                        note = f"first call (compile) {seconds:.1f} s"
                 times, extra = measure(step, leaves, negatives, device, 1, args.repeats, memory)
-                record(mode, objective, name, times, extra)
+                record(mode, objective, name, times, extra, note)
         if mode == "shared" and device.type == "cpu" and dtype == torch.float32:
-            for objective, run in tensorflow_steps(leaves, target, args.k,
+            for objective, run in tensorflow_steps(leaves, target, args.shared_k,
                                                    torch.get_num_threads()).items():
                 if objective in args.objectives:
                     record(mode, objective, "tensorflow", time_call(run, device, args.repeats), 0)
@@ -351,27 +458,61 @@ def is_oom(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
+def headline(rows) -> List[dict]:
+    """Per path (negatives, objective) and fused provider: the fastest careful-PyTorch baseline
+    of that path (any of BASELINES, dense or sparse), its name, and the speed and memory ratios."""
+    by_key = {(r["mode"], r["objective"], r["provider"]): r for r in rows}
+    lines = []
+    for (mode, objective, provider), r in by_key.items():
+        if provider not in ("fused", "fused_sparse"):
+            continue
+        peers = [by_key[(mode, objective, b)] for b in BASELINES
+                 if (mode, objective, b) in by_key]
+        if not peers:
+            continue
+        best = min(peers, key=lambda p: p["median_ms"])
+        least_memory = min(p["extra_peak_mb"] for p in peers)
+        lines.append(dict(mode=mode, objective=objective, provider=provider,
+                          fused_ms=r["median_ms"], fused_mb=r["extra_peak_mb"],
+                          baselines={p["provider"]: p["median_ms"] for p in peers},
+                          fastest=best["provider"], fastest_ms=best["median_ms"],
+                          speedup=best["median_ms"] / r["median_ms"],
+                          fastest_mb=best["extra_peak_mb"], least_mb=least_memory,
+                          memory_ratio=least_memory / max(r["extra_peak_mb"], 0.1)))
+    return lines
+
+
 def print_summary(rows) -> None:
-    """Markdown table: fused against the reference and full softmax."""
+    """Markdown tables: fused against the fastest careful PyTorch of each path, then the rest."""
     by_key = {(r["mode"], r["objective"], r["provider"]): r for r in rows}
     full = by_key.get(("-", "full_softmax", "full_softmax"))
+    names = [b for b in BASELINES if any(key[2] == b for key in by_key)]
     print()
-    print("| negatives | objective | fused ms | sparse_grad ms | reference ms | speed-up | "
-          "fused extra MB | reference extra MB | memory ratio |"
+    print("| negatives | objective | fused | fused ms | " + " | ".join(f"{b} ms" for b in names)
+          + " | fastest baseline | speed-up | fused extra MB | least baseline MB | memory ratio |"
           + (" vs full softmax |" if full else ""))
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if full else ""))
-    for (mode, objective, provider), r in by_key.items():
-        ref = by_key.get((mode, objective, "reference"))
-        if provider != "fused" or ref is None:
-            continue
-        sparse = by_key.get((mode, objective, "fused_sparse"))
-        sparse_ms = f"{sparse['median_ms']:.2f}" if sparse else "-"
-        line = (f"| {mode} | {objective} | {r['median_ms']:.2f} | {sparse_ms} | {ref['median_ms']:.1f} | "
-                f"{ref['median_ms'] / r['median_ms']:.1f}x | {r['extra_peak_mb']:.1f} | "
-                f"{ref['extra_peak_mb']:.1f} | {ref['extra_peak_mb'] / max(r['extra_peak_mb'], 0.1):.1f}x |")
+    print("|---|---|---|---:|" + "---:|" * len(names) + "---|---:|---:|---:|---:|"
+          + ("---:|" if full else ""))
+    for h in headline(rows):
+        cells = " | ".join(f"{h['baselines'][b]:.2f}" if b in h["baselines"] else "-"
+                           for b in names)
+        gradient = "sparse_grad" if h["provider"] == "fused_sparse" else "dense"
+        line = (f"| {h['mode']} | {h['objective']} | {gradient} | {h['fused_ms']:.2f} | {cells} | "
+                f"{h['fastest']} | {h['speedup']:.2f}x | {h['fused_mb']:.1f} | "
+                f"{h['least_mb']:.1f} | {h['memory_ratio']:.1f}x |")
         if full:
-            line += f" {full['median_ms'] / r['median_ms']:.0f}x |"
+            line += f" {full['median_ms'] / h['fused_ms']:.0f}x |"
         print(line)
+    compiles = [r for r in rows if "compile" in r["note"]]
+    if compiles:
+        print("\ncompile time (first call): " + ", ".join(
+            f"{r['mode']}/{r['objective']}/{r['provider']} {r['note'].split()[-2]} s"
+            for r in compiles))
+    refs = [r for r in rows if r["provider"] == "reference"]
+    if refs:
+        print("\nfused_nce.reference (the tests' oracle, materializes [N, k, D]; not a baseline): "
+              + ", ".join(f"{r['mode']}/{r['objective']} {r['median_ms']:.1f} ms "
+                          f"{r['extra_peak_mb']:.0f} MB" for r in refs))
     tf_rows = [(key, r) for key, r in by_key.items() if key[2] == "tensorflow"]
     if tf_rows:
         print("\n| vs TensorFlow (shared negatives) | tensorflow ms | fused ms | sparse_grad ms | "
