@@ -171,29 +171,3 @@ def table_error_bound(table):
     gives = keep < 0xFFFFFFFF
     buckets = 1 + torch.bincount((table >> 32)[gives], minlength=num_classes).double()
     return (buckets * 2.0**-32 + max(1e-8, num_classes * 1e-12)) / num_classes
-
-
-def spawn_workers(fn, world_size, args=(), timeout=120.0):
-    """Runs ``fn(rank, world_size, *args)`` in ``world_size`` fresh processes and waits at most
-    ``timeout`` seconds in all: a hung rank is killed and fails the test instead of stalling it."""
-    import multiprocessing
-    import time
-
-    ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=fn, args=(rank, world_size, *args), daemon=True)
-             for rank in range(world_size)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + timeout
-    try:
-        for p in procs:
-            p.join(max(0.0, deadline - time.monotonic()))
-        hung = [rank for rank, p in enumerate(procs) if p.is_alive()]
-        assert not hung, f"ranks {hung} still running after {timeout} s"
-        failed = {rank: p.exitcode for rank, p in enumerate(procs) if p.exitcode != 0}
-        assert not failed, f"ranks exited with {failed}"
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join(5)

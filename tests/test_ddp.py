@@ -1,15 +1,13 @@
 """DDP (gloo, 2 CPU processes): gradients equal one process on the whole batch."""
 
 import gc
-import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import fused_nce
+from dist_helpers import run_ranks
 
 NUM_CLASSES, DIM, BATCH, NUM_NEGATIVES, WORLD_SIZE = 40, 8, 24, 6, 2
 
@@ -61,42 +59,27 @@ def train(model: torch.nn.Module, rank: int, world_size: int, steps: int = 2):
     return grads
 
 
-def worker(rank: int, world_size: int, port: int, out_dir: str, sparse_grad: bool) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world_size)
-    try:
-        torch.manual_seed(0)
-        model = torch.nn.parallel.DistributedDataParallel(TinyLM(sparse_grad))
-        grads = train(model, rank, world_size)
-        torch.save({name.removeprefix("module."): g for name, g in grads.items()},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
-        # Release DDP's reducer and let both ranks finish before the group goes away: with sparse
-        # gradients, gloo otherwise aborts now and then at process exit ("terminate called
-        # without an active exception", seen with torch 2.13 about one run in three).
-        del model
-        gc.collect()
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def worker(rank: int, world_size: int, sparse_grad: bool) -> dict:
+    """Runs in each rank (the group is set up by ``run_ranks``); returns its gradients."""
+    torch.manual_seed(0)
+    model = torch.nn.parallel.DistributedDataParallel(TinyLM(sparse_grad))
+    grads = train(model, rank, world_size)
+    # Release DDP's reducer before the ranks meet at run_ranks' barrier and the group goes away:
+    # with sparse gradients, gloo otherwise aborts now and then at process exit ("terminate
+    # called without an active exception", seen with torch 2.13 about one run in three).
+    del model
+    gc.collect()
+    return {name.removeprefix("module."): g for name, g in grads.items()}
 
 
 @pytest.mark.parametrize("sparse_grad", [False, True], ids=["dense", "sparse"])
-def test_ddp_gradients_equal_single_process(tmp_path, sparse_grad):
-    mp.spawn(worker, args=(WORLD_SIZE, free_port(), str(tmp_path), sparse_grad), nprocs=WORLD_SIZE,
-             join=True)
+def test_ddp_gradients_equal_single_process(sparse_grad):
+    per_rank = run_ranks(worker, WORLD_SIZE, sparse_grad, timeout=120)
     torch.manual_seed(0)
     expected = train(TinyLM(sparse_grad), rank=0, world_size=1)
     names = {"embed.weight", "decoder.weight", "loss.log_z"}
     assert set(expected) == (names if sparse_grad else names | {"decoder.bias"})
-    for rank in range(WORLD_SIZE):
-        grads = torch.load(tmp_path / f"rank{rank}.pt")
+    for grads in per_rank:
         assert set(grads) == set(expected)
         for name, g in expected.items():
             assert g.abs().sum() > 0, name

@@ -1,9 +1,7 @@
 """In-batch / mixed-negative softmax against the materialized reference, its ops, bad input, the
 frequency estimator, and cross-rank negatives on 2 gloo processes against one process."""
 
-import datetime
 import math
-import os
 
 import pytest
 import torch
@@ -11,7 +9,8 @@ import torch.distributed as dist
 
 import fused_nce
 from fused_nce import reference
-from helpers import TOLERANCE, spawn_workers
+from dist_helpers import run_ranks
+from helpers import TOLERANCE
 
 ops = torch.ops.fused_nce
 
@@ -451,27 +450,18 @@ def run_loss(batch, rows, group=None):
             "temperature": t.grad}
 
 
-def gather_worker(rank, world_size, store_path, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank,
-                            world_size=world_size, timeout=datetime.timedelta(seconds=60))
-    try:
-        batch = global_batch()
-        n = batch["query"].shape[0] // world_size
-        result = run_loss(batch, slice(rank * n, (rank + 1) * n), group=dist.group.WORLD)
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+def gather_worker(rank, world_size):
+    """Runs in each rank (the group is set up by ``run_ranks``): its rows' loss and gradients."""
+    batch = global_batch()
+    n = batch["query"].shape[0] // world_size
+    return run_loss(batch, slice(rank * n, (rank + 1) * n), group=dist.group.WORLD)
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                     reason="torch.distributed with gloo is not available")
-def test_gathered_negatives_equal_one_process(tmp_path):
-    spawn_workers(gather_worker, WORLD, args=(str(tmp_path / "store"), str(tmp_path)),
-                  timeout=120)
+def test_gathered_negatives_equal_one_process():
+    ranks = run_ranks(gather_worker, WORLD, timeout=120)
     whole = run_loss(global_batch(), slice(None))
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     n = whole["query"].shape[0] // WORLD
     # Every loss term and each row's gradients live on exactly one rank; extras and temperature
     # get a part from each rank (what DDP's all-reduce would sum).
