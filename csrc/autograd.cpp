@@ -33,31 +33,41 @@ namespace compiled_autograd = torch::dynamo::autograd;
 
 using ForwardSig = std::tuple<at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const OptTensor&, const at::Tensor&, const at::Tensor&,
-    const OptTensor&, const at::Tensor&, int64_t, bool, int64_t);
+    const OptTensor&, const OptTensor&, const at::Tensor&, int64_t, double, bool, int64_t);
 using BackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, bool,
-    const at::Tensor&, const at::Tensor&, int64_t);
+    const at::Tensor&, const at::Tensor&, const OptTensor&, int64_t);
 using BackwardRowsSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, bool,
-    const at::Tensor&, const at::Tensor&, int64_t);
+    const at::Tensor&, const at::Tensor&, const OptTensor&, int64_t);
 using BackwardHiddenSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                      const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                     int64_t);
+                                     const OptTensor&, int64_t);
 
 template <typename Sig>
 c10::TypedOperatorHandle<Sig> find_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
 }
 
+// The op's arguments but the differentiable ones, as they travel from the loss op to its
+// forward and backward.
+struct CallArgs {
+  const at::Tensor& target;
+  const at::Tensor& negatives;
+  const OptTensor& hard_negatives;
+  const OptTensor& noise_probs;
+  int64_t objective;
+  double positive_weight;
+  bool remove_accidental_hits;
+  int64_t ignore_index;
+};
+
 std::tuple<at::Tensor, at::Tensor> call_forward(const at::Tensor& hidden, const at::Tensor& weight,
-                                                const OptTensor& bias, const at::Tensor& target,
-                                                const at::Tensor& negatives,
-                                                const OptTensor& noise_probs,
-                                                const at::Tensor& log_z, int64_t objective,
-                                                bool remove_accidental_hits, int64_t ignore_index) {
+                                                const OptTensor& bias, const at::Tensor& log_z,
+                                                const CallArgs& a) {
   static const auto op = find_op<ForwardSig>("fused_nce::sampled_loss_forward");
-  return op.call(hidden, weight, bias, target, negatives, noise_probs, log_z, objective,
-                 remove_accidental_hits, ignore_index);
+  return op.call(hidden, weight, bias, a.target, a.negatives, a.hard_negatives, a.noise_probs,
+                 log_z, a.objective, a.positive_weight, a.remove_accidental_hits, a.ignore_index);
 }
 
 // A coalesced COO tensor of `size` whose only non-zero rows are `values` at the strictly ascending
@@ -79,13 +89,26 @@ bool readable_on_host(const at::Tensor& t) {
          !at::functionalization::impl::isFunctionalTensor(t);
 }
 
-// The number of examples not ignored, at least 1, counted on the host.
+// The number of examples not ignored (with at least one valid positive in target [N] or
+// [N, T]), at least 1, counted on the host.
 int64_t kept_on_host(const at::Tensor& target, int64_t ignore_index) {
   const auto values = target.contiguous();
   const int64_t* tp = values.const_data_ptr<int64_t>();
+  const int64_t n = values.size(0), positives = values.dim() == 2 ? values.size(1) : 1;
   int64_t kept = 0;
-  for (int64_t i = 0, n = values.numel(); i < n; ++i) kept += tp[i] != ignore_index;
+  for (int64_t i = 0; i < n; ++i) {
+    bool any = false;
+    for (int64_t t = 0; t < positives; ++t) any = any || tp[i * positives + t] != ignore_index;
+    kept += any;
+  }
   return std::max<int64_t>(kept, 1);
+}
+
+// The same count as a 0-dim tensor of `dtype` on target's device (no host sync).
+at::Tensor kept_on_device(const at::Tensor& target, int64_t ignore_index, at::ScalarType dtype) {
+  auto valid = target.ne(ignore_index);
+  if (target.dim() == 2) valid = valid.any(1);
+  return valid.sum(dtype).clamp_min_(1);
 }
 
 // The per-example loss reduced; the mean divides by the number of examples not ignored (at least
@@ -103,7 +126,7 @@ at::Tensor reduce(const at::Tensor& loss, const at::Tensor& target, int64_t igno
                           : 1.0;
   if (reduction == kMean) {
     *count = host_target ? at::scalar_tensor(kept, loss.options())
-                         : target.ne(ignore_index).sum(loss.scalar_type()).clamp_min_(1);
+                         : kept_on_device(target, ignore_index, loss.scalar_type());
   }
   if (loss.scalar_type() == at::kFloat && readable_on_host(loss) && host_target) {
     const auto values = loss.contiguous();
@@ -125,9 +148,13 @@ struct LossArgs {
 };
 
 // What the loss's backward reads: those arguments, the forward's inputs and coefficients, and the
-// example count of the mean.
+// example count of the mean. hard_negatives is undefined when the call had none.
 struct SavedLoss : LossArgs {
-  at::Tensor hidden, weight, target, negatives, coef, count;
+  at::Tensor hidden, weight, target, negatives, hard_negatives, coef, count;
+
+  OptTensor hard() const {
+    return hard_negatives.defined() ? OptTensor(hard_negatives) : OptTensor();
+  }
 };
 
 // The inputs with a gradient edge, in the node's edge order.
@@ -173,7 +200,7 @@ variable_list loss_gradients(at::Tensor grad_loss, const SavedLoss& s, const Nee
     if (s.sparse_grad) {
       auto [gh, rows, weight_rows, bias_rows] =
           backward_rows.call(grad_loss, s.coef, s.hidden, s.weight, s.has_bias, s.target,
-                             s.negatives, s.ignore_index);
+                             s.negatives, s.hard(), s.ignore_index);
       grad_hidden = gh;
       grad_weight = rows_to_sparse(rows, weight_rows, s.weight.sym_sizes());
       if (s.has_bias) {
@@ -182,13 +209,13 @@ variable_list loss_gradients(at::Tensor grad_loss, const SavedLoss& s, const Nee
     } else {
       std::tie(grad_hidden, grad_weight, grad_bias) =
           backward_dense.call(grad_loss, s.coef, s.hidden, s.weight, s.has_bias, s.target,
-                              s.negatives, s.ignore_index);
+                              s.negatives, s.hard(), s.ignore_index);
       if (!s.has_bias) grad_bias = at::Tensor();
     }
   } else if (needs[kHidden]) {
     // A frozen output layer: grad_hidden alone, no weight rows at all.
     grad_hidden = backward_hidden.call(grad_loss, s.coef, s.hidden, s.weight, s.target,
-                                       s.negatives, s.ignore_index);
+                                       s.negatives, s.hard(), s.ignore_index);
   }
   if (s.objective == 0 && needs[kLogZ]) {
     // NCE's d = s - log_z - log(k q): dloss/dlog_z = -sum_ij dloss/ds_ij. Summed per example,
@@ -266,6 +293,8 @@ struct SampledLossBackward : public torch::autograd::Node {
     packed.pack(s.ignore_index);
     packed.pack(s.reduction);
     for (const auto* t : {&s.hidden, &s.weight, &s.target, &s.negatives, &s.coef}) packed.pack(*t);
+    packed.pack(s.hard_negatives.defined());
+    if (s.hard_negatives.defined()) packed.pack(s.hard_negatives);
     if (s.reduction == kMean) packed.pack(s.count);
     std::vector<bool> needs;
     for (size_t i = 0; i < kNumInputs; ++i) needs.push_back(task_should_compute_output(i));
@@ -302,20 +331,27 @@ struct SampledLossBackward : public torch::autograd::Node {
     return result;
   }
 
-  torch::autograd::SavedVariable hidden_, weight_, target_, negatives_, coef_, count_;
+  torch::autograd::SavedVariable hidden_, weight_, target_, negatives_, hard_negatives_, coef_,
+      count_;
   LossArgs args_;
 
  private:
-  std::array<torch::autograd::SavedVariable*, 6> saved_variables() {
-    return {&hidden_, &weight_, &target_, &negatives_, &coef_, &count_};
+  std::array<torch::autograd::SavedVariable*, 7> saved_variables() {
+    return {&hidden_, &weight_, &target_, &negatives_, &hard_negatives_, &coef_, &count_};
   }
-  std::array<const torch::autograd::SavedVariable*, 6> saved_variables() const {
-    return {&hidden_, &weight_, &target_, &negatives_, &coef_, &count_};
+  std::array<const torch::autograd::SavedVariable*, 7> saved_variables() const {
+    return {&hidden_, &weight_, &target_, &negatives_, &hard_negatives_, &coef_, &count_};
   }
 
   SavedLoss unpacked() const {
-    return {args_, hidden_.unpack(), weight_.unpack(), target_.unpack(), negatives_.unpack(),
-            coef_.unpack(), count_.unpack()};
+    return {args_,
+            hidden_.unpack(),
+            weight_.unpack(),
+            target_.unpack(),
+            negatives_.unpack(),
+            hard_negatives_.unpack(),
+            coef_.unpack(),
+            count_.unpack()};
   }
 
 #if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 7)
@@ -332,6 +368,7 @@ struct SampledLossBackward : public torch::autograd::Node {
     for (auto* t : {&s.hidden, &s.weight, &s.target, &s.negatives, &s.coef}) {
       *t = packed.unpack<at::Tensor>();
     }
+    if (packed.unpack<bool>()) s.hard_negatives = packed.unpack<at::Tensor>();
     if (s.reduction == kMean) s.count = packed.unpack<at::Tensor>();
     const auto needs = packed.unpack<std::vector<bool>>();
     at::AutoGradMode no_grad(false);
@@ -357,20 +394,23 @@ auto make_node() {
 // Below autograd (inference mode, or inside another op): the forward alone.
 at::Tensor sampled_loss_forward_only(const at::Tensor& hidden, const at::Tensor& weight,
                                      const OptTensor& bias, const at::Tensor& target,
-                                     const at::Tensor& negatives, const OptTensor& noise_probs,
-                                     const at::Tensor& log_z, int64_t objective,
+                                     const at::Tensor& negatives, const OptTensor& hard_negatives,
+                                     const OptTensor& noise_probs, const at::Tensor& log_z,
+                                     int64_t objective, double positive_weight,
                                      bool remove_accidental_hits, int64_t ignore_index,
                                      bool sparse_grad, int64_t reduction) {
   at::Tensor count;
-  return reduce(std::get<0>(call_forward(hidden, weight, bias, target, negatives, noise_probs,
-                                         log_z, objective, remove_accidental_hits, ignore_index)),
-                target, ignore_index, reduction, &count);
+  const CallArgs args{target,    negatives,       hard_negatives,         noise_probs,
+                      objective, positive_weight, remove_accidental_hits, ignore_index};
+  return reduce(std::get<0>(call_forward(hidden, weight, bias, log_z, args)), target, ignore_index,
+                reduction, &count);
 }
 
 at::Tensor sampled_loss_autograd(const at::Tensor& hidden, const at::Tensor& weight,
                                  const OptTensor& bias, const at::Tensor& target,
-                                 const at::Tensor& negatives, const OptTensor& noise_probs,
-                                 const at::Tensor& log_z, int64_t objective,
+                                 const at::Tensor& negatives, const OptTensor& hard_negatives,
+                                 const OptTensor& noise_probs, const at::Tensor& log_z,
+                                 int64_t objective, double positive_weight,
                                  bool remove_accidental_hits, int64_t ignore_index,
                                  bool sparse_grad, int64_t reduction) {
   const auto any_of_inputs = [&](const auto& test) {
@@ -386,16 +426,17 @@ at::Tensor sampled_loss_autograd(const at::Tensor& hidden, const at::Tensor& wei
   if (!needs_node) {
     // Nothing to differentiate (no_grad, or frozen inputs): the forward alone, no graph node.
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return sampled_loss_forward_only(hidden, weight, bias, target, negatives, noise_probs, log_z,
-                                     objective, remove_accidental_hits, ignore_index, sparse_grad,
-                                     reduction);
+    return sampled_loss_forward_only(hidden, weight, bias, target, negatives, hard_negatives,
+                                     noise_probs, log_z, objective, positive_weight,
+                                     remove_accidental_hits, ignore_index, sparse_grad, reduction);
   }
   at::Tensor reduced, coef, count;
   {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     at::Tensor loss;
-    std::tie(loss, coef) = call_forward(hidden, weight, bias, target, negatives, noise_probs,
-                                        log_z, objective, remove_accidental_hits, ignore_index);
+    const CallArgs args{target,    negatives,       hard_negatives,         noise_probs,
+                        objective, positive_weight, remove_accidental_hits, ignore_index};
+    std::tie(loss, coef) = call_forward(hidden, weight, bias, log_z, args);
     reduced = reduce(loss, target, ignore_index, reduction, &count);
   }
   auto node = make_node<SampledLossBackward>();
@@ -404,6 +445,8 @@ at::Tensor sampled_loss_autograd(const at::Tensor& hidden, const at::Tensor& wei
   node->weight_ = torch::autograd::SavedVariable(weight, false);
   node->target_ = torch::autograd::SavedVariable(target, false);
   node->negatives_ = torch::autograd::SavedVariable(negatives, false);
+  node->hard_negatives_ = torch::autograd::SavedVariable(
+      hard_negatives.has_value() ? *hard_negatives : at::Tensor(), false);
   node->coef_ = torch::autograd::SavedVariable(coef, false);
   node->count_ = torch::autograd::SavedVariable(count, false);
   node->args_ = {bias.has_value() && bias->defined(), sparse_grad, objective, ignore_index,

@@ -8,13 +8,16 @@
 
 #include <optional>
 
+#include "columns.h"
 #include "nce_math.h"
 
 namespace fused_nce {
 
+// target [N] or [N, T]; negatives [N, k] or [k]; hard_negatives [N, h] where given.
 inline void check_shapes(const at::Tensor& hidden, const at::Tensor& weight,
                          const std::optional<at::Tensor>& bias, const at::Tensor& target,
-                         const at::Tensor& negatives) {
+                         const at::Tensor& negatives,
+                         const std::optional<at::Tensor>& hard_negatives = std::nullopt) {
   TORCH_CHECK_VALUE(hidden.dim() == 2, "hidden must be [N, D], got ", hidden.sizes());
   TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == hidden.size(1),
                     "weight must be [V, D] with D = ", hidden.size(1), ", got ", weight.sizes());
@@ -27,10 +30,26 @@ inline void check_shapes(const at::Tensor& hidden, const at::Tensor& weight,
   }
   TORCH_CHECK_TYPE(target.scalar_type() == at::kLong, "target must be int64");
   TORCH_CHECK_TYPE(negatives.scalar_type() == at::kLong, "negatives must be int64");
-  TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == hidden.size(0), "target must be [N]");
+  TORCH_CHECK_VALUE((target.dim() == 1 || (target.dim() == 2 && target.size(1) >= 1)) &&
+                        target.size(0) == hidden.size(0),
+                    "target must be [N] or [N, T] with T >= 1, got ", target.sizes());
   TORCH_CHECK_VALUE(negatives.dim() == 1 ||
                         (negatives.dim() == 2 && negatives.size(0) == hidden.size(0)),
                     "negatives must be [N, k] or [k], got ", negatives.sizes());
+  if (hard_negatives.has_value()) {
+    TORCH_CHECK_TYPE(hard_negatives->scalar_type() == at::kLong, "hard_negatives must be int64");
+    TORCH_CHECK_VALUE(hard_negatives->dim() == 2 && hard_negatives->size(0) == hidden.size(0),
+                      "hard_negatives must be [N, h], got ", hard_negatives->sizes());
+  }
+}
+
+// T: the number of positive columns of target ([N] or [N, T]).
+inline int64_t num_positives(const at::Tensor& target) {
+  return target.dim() == 2 ? target.size(1) : 1;
+}
+
+inline int64_t num_hard(const std::optional<at::Tensor>& hard_negatives) {
+  return hard_negatives.has_value() ? hard_negatives->size(1) : 0;
 }
 
 inline void check_loss_args(const at::Tensor& weight, const std::optional<at::Tensor>& noise_probs,
@@ -78,7 +97,7 @@ inline at::Tensor rows_of(const at::Tensor& t) {
 // and its outputs, allocated in the accumulation dtype (float64 for float64, float32 otherwise):
 // one value per example [N] (the loss, or a shard's statistic) and the coefficients [N, 1 + k].
 struct ForwardInputs {
-  at::Tensor h, w, b, tgt, neg, q;
+  at::Tensor h, w, b, tgt, neg, hard, q;
   at::ScalarType acc_dtype;
   at::Tensor values, coef;
 };
@@ -87,19 +106,35 @@ inline ForwardInputs prepare_forward(const at::Tensor& hidden, const at::Tensor&
                                      const std::optional<at::Tensor>& bias,
                                      const at::Tensor& target, const at::Tensor& negatives,
                                      const std::optional<at::Tensor>& noise_probs,
-                                     bool uses_noise) {
+                                     bool uses_noise,
+                                     const std::optional<at::Tensor>& hard_negatives = std::nullopt) {
   ForwardInputs in;
   in.h = rows_of(hidden);
   in.w = rows_of(weight);
   in.b = bias.has_value() ? bias->contiguous() : at::Tensor();
   in.tgt = target.contiguous();
   in.neg = negatives.contiguous();
+  in.hard = hard_negatives.has_value() ? hard_negatives->contiguous() : at::Tensor();
   in.q = uses_noise ? noise_probs->to(in.h.device(), at::kFloat).contiguous() : at::Tensor();
   in.acc_dtype = in.h.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const int64_t n = in.h.size(0), k = in.neg.size(-1);
+  const int64_t n = in.h.size(0);
+  const int64_t cols = num_positives(target) + in.neg.size(-1) + num_hard(hard_negatives);
   in.values = at::empty({n}, in.h.options().dtype(in.acc_dtype));
-  in.coef = at::empty({n, 1 + k}, in.h.options().dtype(in.acc_dtype));
+  in.coef = at::empty({n, cols}, in.h.options().dtype(in.acc_dtype));
   return in;
+}
+
+// The columns of a call (columns.h) over its contiguous index tensors.
+inline Columns make_columns(const at::Tensor& target, const at::Tensor& negatives,
+                            const at::Tensor& hard, int64_t ignore_index) {
+  return Columns{target.const_data_ptr<int64_t>(),
+                 negatives.const_data_ptr<int64_t>(),
+                 hard.defined() && hard.numel() > 0 ? hard.const_data_ptr<int64_t>() : nullptr,
+                 num_positives(target),
+                 negatives.size(-1),
+                 hard.defined() ? hard.size(1) : 0,
+                 ignore_index,
+                 negatives.dim() == 1};
 }
 
 }  // namespace fused_nce

@@ -13,7 +13,8 @@ namespace fused_nce {
 std::tuple<at::Tensor, at::Tensor> sampled_loss_forward_cpu(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& target, const at::Tensor& negatives,
-    const std::optional<at::Tensor>& noise_probs, const at::Tensor& log_z, int64_t objective,
+    const std::optional<at::Tensor>& hard_negatives, const std::optional<at::Tensor>& noise_probs,
+    const at::Tensor& log_z, int64_t objective, double positive_weight,
     bool remove_accidental_hits, int64_t ignore_index);
 
 // Gradients of sum_i grad_loss[i] * loss[i] for hidden [N, D], weight [V, D] and bias [V] (an
@@ -22,20 +23,24 @@ std::tuple<at::Tensor, at::Tensor> sampled_loss_forward_cpu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sampled_loss_backward_cpu(
     const at::Tensor& grad_loss, const at::Tensor& coef, const at::Tensor& hidden,
     const at::Tensor& weight, bool has_bias, const at::Tensor& target,
-    const at::Tensor& negatives, int64_t ignore_index);
+    const at::Tensor& negatives, const std::optional<at::Tensor>& hard_negatives,
+    int64_t ignore_index);
 
 // The same gradients with only the touched rows of weight / bias: (grad_hidden, rows [U] ascending,
 // grad_weight [U, D], grad_bias [U] or empty).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sampled_loss_backward_rows_cpu(
     const at::Tensor& grad_loss, const at::Tensor& coef, const at::Tensor& hidden,
     const at::Tensor& weight, bool has_bias, const at::Tensor& target,
-    const at::Tensor& negatives, int64_t ignore_index);
+    const at::Tensor& negatives, const std::optional<at::Tensor>& hard_negatives,
+    int64_t ignore_index);
 
 // grad_hidden alone (a frozen output layer): the first output of the ops above.
 at::Tensor sampled_loss_backward_hidden_cpu(const at::Tensor& grad_loss, const at::Tensor& coef,
                                             const at::Tensor& hidden, const at::Tensor& weight,
                                             const at::Tensor& target,
-                                            const at::Tensor& negatives, int64_t ignore_index);
+                                            const at::Tensor& negatives,
+                                            const std::optional<at::Tensor>& hard_negatives,
+                                            int64_t ignore_index);
 
 // Walker/Vose alias table of non-negative weights [V]: int64 [V], see alias_draw in nce_math.h.
 at::Tensor alias_build_cpu(const at::Tensor& weights);
@@ -48,20 +53,25 @@ at::Tensor alias_sample_cpu(const at::Tensor& table, at::IntArrayRef size,
 std::tuple<at::Tensor, at::Tensor> sampled_loss_forward_cuda(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& target, const at::Tensor& negatives,
-    const std::optional<at::Tensor>& noise_probs, const at::Tensor& log_z, int64_t objective,
+    const std::optional<at::Tensor>& hard_negatives, const std::optional<at::Tensor>& noise_probs,
+    const at::Tensor& log_z, int64_t objective, double positive_weight,
     bool remove_accidental_hits, int64_t ignore_index);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sampled_loss_backward_cuda(
     const at::Tensor& grad_loss, const at::Tensor& coef, const at::Tensor& hidden,
     const at::Tensor& weight, bool has_bias, const at::Tensor& target,
-    const at::Tensor& negatives, int64_t ignore_index);
+    const at::Tensor& negatives, const std::optional<at::Tensor>& hard_negatives,
+    int64_t ignore_index);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sampled_loss_backward_rows_cuda(
     const at::Tensor& grad_loss, const at::Tensor& coef, const at::Tensor& hidden,
     const at::Tensor& weight, bool has_bias, const at::Tensor& target,
-    const at::Tensor& negatives, int64_t ignore_index);
+    const at::Tensor& negatives, const std::optional<at::Tensor>& hard_negatives,
+    int64_t ignore_index);
 at::Tensor sampled_loss_backward_hidden_cuda(const at::Tensor& grad_loss, const at::Tensor& coef,
                                              const at::Tensor& hidden, const at::Tensor& weight,
                                              const at::Tensor& target,
-                                             const at::Tensor& negatives, int64_t ignore_index);
+                                             const at::Tensor& negatives,
+                                             const std::optional<at::Tensor>& hard_negatives,
+                                             int64_t ignore_index);
 at::Tensor alias_build_cuda(const at::Tensor& weights);
 at::Tensor alias_sample_cuda(const at::Tensor& table, at::IntArrayRef size,
                              std::optional<at::Generator> generator);

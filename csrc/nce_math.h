@@ -78,12 +78,13 @@ FUSED_NCE_HD Term<T> binary_term(bool positive, T d) {
   return binary_term_from_parts(positive, x, e, u, log(u));
 }
 
-// Sampled softmax: logQ-corrected logit o = s - log q; with lse = logsumexp over the example's
-// logits, the loss is lse - o(target) and dloss/ds = softmax(o) - [positive], from the
-// probability softmax(o) = exp(o - lse).
+// Sampled softmax: logQ-corrected logit o = s - log q (o = s for a hard negative); with lse =
+// logsumexp over the example's logits and P its valid positives, the loss is
+// lse - (1/|P|) sum_{t in P} o(t) (TensorFlow's soft labels) and dloss/ds = softmax(o) - label,
+// label = 1/|P| at a positive and 0 elsewhere, from the probability softmax(o) = exp(o - lse).
 template <typename T>
-FUSED_NCE_HD T softmax_grad(bool positive, T prob) {
-  return prob - T(positive ? 1 : 0);
+FUSED_NCE_HD T softmax_grad(T label, T prob) {
+  return prob - label;
 }
 
 // Philox4x32-10 (Salmon et al., SC'11): 128 random bits per (counter, key), stateless, so each

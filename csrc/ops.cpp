@@ -4,31 +4,39 @@
 
 TORCH_LIBRARY(fused_nce, m) {
   // Fused gather + scores + stable logits + per-example loss + dloss/dscore, one pass.
+  // Columns (columns.h): target [N] or [N, T], negatives [N, k] or [k] (shared), hard_negatives
+  // [N, h] or None; ignore_index pads target and hard_negatives. positive_weight scales the
+  // positive terms of the binary objectives (gBCE's beta; 1 otherwise). Returns the loss [N] and
+  // dloss/dscore [N, T + k + h].
   m.def(
       "sampled_loss_forward(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, "
-      "Tensor negatives, Tensor? noise_probs, Tensor log_z, int objective, "
-      "bool remove_accidental_hits, int ignore_index) -> (Tensor, Tensor)");
+      "Tensor negatives, Tensor? hard_negatives, Tensor? noise_probs, Tensor log_z, "
+      "int objective, float positive_weight, bool remove_accidental_hits, int ignore_index) "
+      "-> (Tensor, Tensor)");
   // The differentiable loss (autograd.cpp) over the ops below: the forward's loss reduced by
-  // `reduction` (0 none [N], 1 sum, 2 mean over the examples not ignored).
+  // `reduction` (0 none [N], 1 sum, 2 mean over the examples not ignored: those with a valid
+  // positive).
   m.def(
       "sampled_loss(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, Tensor negatives, "
-      "Tensor? noise_probs, Tensor log_z, int objective, bool remove_accidental_hits, "
-      "int ignore_index, bool sparse_grad, int reduction) -> Tensor");
+      "Tensor? hard_negatives, Tensor? noise_probs, Tensor log_z, int objective, "
+      "float positive_weight, bool remove_accidental_hits, int ignore_index, bool sparse_grad, "
+      "int reduction) -> Tensor");
   // grad_hidden by a second gather; grad_weight / grad_bias into the touched rows only. In every
   // backward op grad_loss is [N], or a scalar that stands for the same value for every example.
   m.def(
       "sampled_loss_backward(Tensor grad_loss, Tensor coef, Tensor hidden, Tensor weight, "
-      "bool has_bias, Tensor target, Tensor negatives, int ignore_index) -> (Tensor, Tensor, Tensor)");
+      "bool has_bias, Tensor target, Tensor negatives, Tensor? hard_negatives, int ignore_index) "
+      "-> (Tensor, Tensor, Tensor)");
   // The same, with only the touched rows of weight / bias: (grad_hidden, rows, grad_weight[rows],
   // grad_bias[rows]), rows ascending; for sparse gradients.
   m.def(
       "sampled_loss_backward_rows(Tensor grad_loss, Tensor coef, Tensor hidden, Tensor weight, "
-      "bool has_bias, Tensor target, Tensor negatives, int ignore_index) "
+      "bool has_bias, Tensor target, Tensor negatives, Tensor? hard_negatives, int ignore_index) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
   // grad_hidden alone, for a frozen output layer: no weight rows are summed or returned.
   m.def(
       "sampled_loss_backward_hidden(Tensor grad_loss, Tensor coef, Tensor hidden, Tensor weight, "
-      "Tensor target, Tensor negatives, int ignore_index) -> Tensor");
+      "Tensor target, Tensor negatives, Tensor? hard_negatives, int ignore_index) -> Tensor");
   // Vocab-parallel: `weight` (and `bias`) are rows [row_start, row_start + rows) of a
   // num_classes-row embedding; indices are global and checked against num_classes, and only the
   // owned ones are read. NCE / negative sampling: (this shard's part of each example's loss [N],

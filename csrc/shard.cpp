@@ -51,28 +51,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> shard_loss_backward(
       .findSchemaOrThrow("fused_nce::sampled_loss_backward", "")
       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
           const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, bool,
-          const at::Tensor&, const at::Tensor&, int64_t)>();
+          const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, int64_t)>();
   static const auto backward_rows = c10::Dispatcher::singleton()
       .findSchemaOrThrow("fused_nce::sampled_loss_backward_rows", "")
       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
           const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, bool,
-          const at::Tensor&, const at::Tensor&, int64_t)>();
+          const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, int64_t)>();
   static const auto backward_hidden = c10::Dispatcher::singleton()
       .findSchemaOrThrow("fused_nce::sampled_loss_backward_hidden", "")
       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                        const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t)>();
+                        const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                        const std::optional<at::Tensor>&, int64_t)>();
   if (mode == kHiddenGrad) {
     auto gh = backward_hidden.call(grad_loss, local_coef, hidden, weight, local_target, local_neg,
-                                   kNoIgnore);
+                                   std::nullopt, kNoIgnore);
     return {gh, at::empty({0}, index_opts), at::empty({0, dim}, weight.options()),
             at::empty({0}, weight.options())};
   }
   if (mode == kRowsGrad) {
     return backward_rows.call(grad_loss, local_coef, hidden, weight, has_bias, local_target,
-                              local_neg, kNoIgnore);
+                              local_neg, std::nullopt, kNoIgnore);
   }
   auto [gh, gw, gb] = backward.call(grad_loss, local_coef, hidden, weight, has_bias, local_target,
-                                    local_neg, kNoIgnore);
+                                    local_neg, std::nullopt, kNoIgnore);
   return {gh, at::empty({0}, index_opts), gw, gb};
 }
 

@@ -92,10 +92,10 @@ def test_cuda_touched_rows_match_cpu(shared):
     for p in [cpu, cuda]:
         log_z = torch.tensor(0.1, dtype=torch.float64, device=p.hidden.device)
         _, coef = ops.sampled_loss_forward(p.hidden, p.weight, p.bias, p.target, p.negatives,
-                                           p.sampler.probs, log_z, 0, True, -100)
+                                           None, p.sampler.probs, log_z, 0, 1.0, True, -100)
         grad_loss = torch.linspace(0.5, 1.5, 50, dtype=torch.float64, device=p.hidden.device)
         results.append(ops.sampled_loss_backward_rows(grad_loss, coef, p.hidden, p.weight, True,
-                                                      p.target, p.negatives, -100))
+                                                      p.target, p.negatives, None, -100))
     for a, b in zip(*results):
         torch.testing.assert_close(b.cpu(), a, rtol=1e-12, atol=1e-12)
 

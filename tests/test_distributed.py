@@ -340,11 +340,11 @@ def test_shard_ops_opcheck_and_sum_over_shards(device):
     q = noise / noise.sum()
     negs = torch.randint(v, (N, K), generator=torch.Generator().manual_seed(0)).to(device)
     log_z = torch.tensor(0.2, dtype=torch.float64, device=device)
-    loss, coef = ops.sampled_loss_forward(hidden, weight, bias, target, negs, q, log_z, 0, True,
-                                          IGNORE)
+    loss, coef = ops.sampled_loss_forward(hidden, weight, bias, target, negs, None, q, log_z, 0,
+                                          1.0, True, IGNORE)
     grad_loss = torch.rand(N, dtype=torch.float64).to(device)
     gh, gw, gb = ops.sampled_loss_backward(grad_loss, coef, hidden, weight, True, target, negs,
-                                           IGNORE)
+                                           None, IGNORE)
     total, total_gh = torch.zeros_like(loss), torch.zeros_like(gh)
     for start, end in shards:
         args = (hidden, weight[start:end], bias[start:end], target, negs, q, log_z, 0, True,

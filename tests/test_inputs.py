@@ -87,12 +87,13 @@ def test_ops_check_indices_themselves():
     ops = torch.ops.fused_nce
     bad_negatives = torch.full((N, 2), 10**12)
     with pytest.raises(ValueError, match="negatives"):
-        ops.sampled_loss_forward(a["hidden"], a["weight"], None, a["target"], bad_negatives,
-                                 torch.ones(V) / V, torch.tensor(0.0), 0, False, -100)
+        ops.sampled_loss_forward(a["hidden"], a["weight"], None, a["target"], bad_negatives, None,
+                                 torch.ones(V) / V, torch.tensor(0.0), 0, 1.0, False, -100)
     coef = torch.ones(N, 3)
     with pytest.raises(ValueError, match="target"):
         ops.sampled_loss_backward(torch.ones(N), coef, a["hidden"], a["weight"], False,
-                                  torch.full((N,), V), torch.zeros(N, 2, dtype=torch.int64), -100)
+                                  torch.full((N,), V), torch.zeros(N, 2, dtype=torch.int64), None,
+                                  -100)
 
 
 def test_negative_sampling_needs_no_noise_with_explicit_negatives():
@@ -265,17 +266,17 @@ def test_all_ignored_and_no_negatives_at_the_op_level(device, dtype, shared):
     grad_loss = torch.ones(9, device=device)
     for target, negatives in [(torch.full_like(p.target, -100), p.negatives),
                               (p.target, p.negatives[..., :0])]:
-        loss, coef = ops.sampled_loss_forward(p.hidden, p.weight, p.bias, target, negatives,
-                                              p.sampler.probs, log_z, 0, False, -100)
+        loss, coef = ops.sampled_loss_forward(p.hidden, p.weight, p.bias, target, negatives, None,
+                                              p.sampler.probs, log_z, 0, 1.0, False, -100)
         assert coef.shape == (9, 1 + negatives.shape[-1])
         ignored = target == -100
         assert not loss[ignored].any() and not coef[ignored].any()
         g_hidden, g_weight, g_bias = ops.sampled_loss_backward(
-            grad_loss, coef, p.hidden, p.weight, True, target, negatives, -100)
+            grad_loss, coef, p.hidden, p.weight, True, target, negatives, None, -100)
         g_rows = ops.sampled_loss_backward_rows(grad_loss, coef, p.hidden, p.weight, True,
-                                                target, negatives, -100)
+                                                target, negatives, None, -100)
         g_only = ops.sampled_loss_backward_hidden(grad_loss, coef, p.hidden, p.weight, target,
-                                                  negatives, -100)
+                                                  negatives, None, -100)
         torch.testing.assert_close(g_only, g_hidden, rtol=0, atol=0)
         torch.testing.assert_close(g_rows[0], g_hidden, rtol=0, atol=0)
         if bool(ignored.all()):
@@ -328,5 +329,5 @@ def test_kernel_errors_carry_their_numbers():
     h, w = torch.zeros(4, 8), torch.zeros(10, 8)
     target, negatives = torch.tensor([0, 1, 2, 11]), torch.zeros(4, 3, dtype=torch.long)
     with pytest.raises(ValueError, match=r"class index 11, outside \[0, 10\)"):
-        torch.ops.fused_nce.sampled_loss_forward(h, w, None, target, negatives, None,
-                                                 torch.tensor(0.0), 2, True, -100)
+        torch.ops.fused_nce.sampled_loss_forward(h, w, None, target, negatives, None, None,
+                                                 torch.tensor(0.0), 2, 1.0, True, -100)

@@ -177,8 +177,8 @@ def test_opcheck(device):
         p = make_problem(n=11, dim=8, num_classes=13, k=3, device=device, shared=shared)
         log_z = torch.tensor(0.2, device=device)
         for objective in range(3):
-            args = (p.hidden, p.weight, p.bias, p.target, p.negatives, p.sampler.probs, log_z,
-                    objective, True, -100)
+            args = (p.hidden, p.weight, p.bias, p.target, p.negatives, None, p.sampler.probs,
+                    log_z, objective, 1.0, True, -100)
             torch.library.opcheck(ops.sampled_loss_forward.default, args)
         _, coef = ops.sampled_loss_forward(*args)
         # The differentiable op (autograd in C++): every reduction, dense and sparse gradients.
@@ -186,19 +186,21 @@ def test_opcheck(device):
         for reduction, sparse_grad in [(0, False), (1, False), (2, False), (2, True)]:
             torch.library.opcheck(
                 ops.sampled_loss.default,
-                (hidden, weight, bias, p.target, p.negatives, p.sampler.probs,
-                 log_z.clone().requires_grad_(), 0, True, -100, sparse_grad, reduction),
+                (hidden, weight, bias, p.target, p.negatives, None, p.sampler.probs,
+                 log_z.clone().requires_grad_(), 0, 1.0, True, -100, sparse_grad, reduction),
                 test_utils=("test_schema", "test_autograd_registration", "test_faketensor")
                 + (() if sparse_grad else ("test_aot_dispatch_dynamic",)))
         grad_loss = torch.linspace(0.1, 1.0, 11, device=device)
         torch.library.opcheck(ops.sampled_loss_backward.default,
-                              (grad_loss, coef, p.hidden, p.weight, True, p.target, p.negatives, -100))
+                              (grad_loss, coef, p.hidden, p.weight, True, p.target, p.negatives,
+                               None, -100))
         torch.library.opcheck(ops.sampled_loss_backward_hidden.default,
-                              (grad_loss, coef, p.hidden, p.weight, p.target, p.negatives, -100))
+                              (grad_loss, coef, p.hidden, p.weight, p.target, p.negatives, None,
+                               -100))
         # A scalar grad_loss (a reduced loss's) stands for the same value for every example.
         scalar = torch.tensor(0.3, device=device)
         for op in (ops.sampled_loss_backward, ops.sampled_loss_backward_rows):
-            args = (coef, p.hidden, p.weight, True, p.target, p.negatives, -100)
+            args = (coef, p.hidden, p.weight, True, p.target, p.negatives, None, -100)
             torch.library.opcheck(op.default, (scalar, *args))
             # Bitwise: on CUDA the dense rows are summed in a fixed order in deterministic mode.
             with deterministic_algorithms(device.type == "cuda"):

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstring>
 #include <optional>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -166,60 +167,72 @@ inline void log_columns(const double* x, double* y, int64_t n) {
   for (int64_t j = 0; j < n; ++j) y[j] = std::log(x[j]);
 }
 
-// The losses and dloss/ds of `rows` examples, from nce_math.h's terms, with the exps and logs of
-// all their rows * (1 + k) columns computed together: a short example row would leave most of a
-// vector loop to its scalar remainder. On entry s[r * (1 + k) + j] is example r's score of column
-// j (the target's at j = 0), log_q[...] the log noise probability of the same class (unused by
-// negative sampling), keep[...] 1 or 0 (0: a dropped accidental hit, or every column of an ignored
-// example) and target[...] 1 at the target columns, 0 elsewhere. On exit s holds dloss/ds (0 where
-// not kept) and loss[r] the loss (0 for an ignored example). `x`, `e` and `v` are scratch of
-// rows * (1 + k) values each.
+// The losses and dloss/ds of `rows` examples of `cols` columns each (columns.h), from nce_math.h's
+// terms, with the exps and logs of all their columns computed together: a short example row
+// would leave most of a vector loop to its scalar remainder. On entry s[r * cols + j] is example
+// r's score of column j, log_q[...] the log noise probability of its class (0 for a hard
+// negative; unused by negative sampling), keep[...] 1 or 0 (0: padding, a dropped accidental
+// hit, or every column of an ignored example) and label[...] 0 at a negative and, at a positive,
+// 1 / |P| for sampled softmax (its soft label) or the positive term's weight for the binary
+// objectives (1; gBCE's beta). On exit s holds dloss/ds (0 where not kept) and loss[r] the loss
+// (0 for an ignored example: one with nothing kept). `x`, `e` and `v` are scratch of
+// rows * cols values each; `k` is the number of sampled negatives (NCE's log k).
 template <typename T>
-void block_loss_and_grad(int64_t objective, int64_t rows, int64_t k, T* s, const T* log_q,
-                         const T* keep, const T* target, T log_z, T* loss, T* x, T* e, T* v) {
-  const int64_t cols = 1 + k, n = rows * cols;
+void block_loss_and_grad(int64_t objective, int64_t rows, int64_t cols, int64_t k, T* s,
+                         const T* log_q, const T* keep, const T* label, T log_z, T* loss, T* x,
+                         T* e, T* v) {
+  const int64_t n = rows * cols;
   if (objective == kSampledSoftmax) {
     for (int64_t f = 0; f < n; ++f) s[f] -= log_q[f];
-    // Row r's logsumexp in v[r]: its max, then the sum of exps in column order.
+    // Row r's largest kept logit in v[r], then the sum of exps in column order.
     for (int64_t r = 0; r < rows; ++r) {
       const T* o = s + r * cols;
-      T max_logit = o[0];
-      for (int64_t j = 1; j < cols; ++j) {
-        if (keep[r * cols + j] != T(0) && o[j] > max_logit) max_logit = o[j];
+      const T* kept = keep + r * cols;
+      T max_logit = T(0);
+      bool any = false;
+      for (int64_t j = 0; j < cols; ++j) {
+        if (kept[j] != T(0) && (!any || o[j] > max_logit)) max_logit = o[j];
+        any = any || kept[j] != T(0);
       }
       v[r] = max_logit;
-      for (int64_t j = 0; j < cols; ++j) x[r * cols + j] = o[j] - max_logit;
+      for (int64_t j = 0; j < cols; ++j) x[r * cols + j] = kept[j] != T(0) ? o[j] - max_logit : T(0);
     }
     exp_columns(x, e, n);
     for (int64_t r = 0; r < rows; ++r) {
-      T sum = T(0);
-      for (int64_t j = 0; j < cols; ++j) sum += keep[r * cols + j] * e[r * cols + j];
-      // An ignored example (nothing kept) gets a finite stand-in and loss 0.
-      const bool ignored = keep[r * cols] == T(0);
-      v[r] = ignored ? T(0) : v[r] + std::log(sum);
-      loss[r] = ignored ? T(0) : v[r] - s[r * cols];
-      for (int64_t j = 0; j < cols; ++j) x[r * cols + j] = s[r * cols + j] - v[r];
-    }
-    exp_columns(x, e, n);
-    for (int64_t f = 0; f < n; ++f) {
-      s[f] = keep[f] != T(0) ? softmax_grad(target[f] != T(0), e[f]) : T(0);
+      T sum = T(0), positive_logits = T(0);
+      for (int64_t j = 0; j < cols; ++j) {
+        const int64_t f = r * cols + j;
+        sum += keep[f] * e[f];
+        if (label[f] != T(0)) positive_logits += label[f] * s[f];
+      }
+      // An ignored example (nothing kept) gets loss 0 and no gradient.
+      const bool ignored = sum == T(0);
+      loss[r] = ignored ? T(0) : v[r] + std::log(sum) - positive_logits;
+      // softmax(o)_j = exp(o_j - max) / sum: the exps above, no second pass of them.
+      const T inv_sum = ignored ? T(0) : T(1) / sum;
+      for (int64_t j = 0; j < cols; ++j) {
+        const int64_t f = r * cols + j;
+        s[f] = keep[f] != T(0) ? softmax_grad(label[f], e[f] * inv_sum) : T(0);
+      }
     }
     return;
   }
   const T shift = binary_shift(objective, log_z, k);
   for (int64_t f = 0; f < n; ++f) {
     const T d = keep[f] != T(0) ? binary_logit(objective, s[f], log_q[f], shift) : T(0);
-    x[f] = target[f] != T(0) ? -d : d;
+    x[f] = label[f] != T(0) ? -d : d;
     v[f] = -std::fabs(x[f]);
   }
   exp_columns(v, e, n);
   for (int64_t f = 0; f < n; ++f) v[f] = T(1) + e[f];
   log_columns(v, v, n);
   for (int64_t f = 0; f < n; ++f) {
-    const Term<T> term = binary_term_from_parts(target[f] != T(0), x[f], e[f], T(1) + e[f], v[f]);
-    // The term's loss in v (its log is used), its gradient in s.
-    v[f] = keep[f] != T(0) ? term.loss : T(0);
-    s[f] = keep[f] != T(0) ? term.grad : T(0);
+    const bool positive = label[f] != T(0);
+    const Term<T> term = binary_term_from_parts(positive, x[f], e[f], T(1) + e[f], v[f]);
+    // The term's loss in v (its log is used), its gradient in s; a positive's weighted.
+    const T weight = positive ? label[f] : T(1);
+    v[f] = keep[f] != T(0) ? weight * term.loss : T(0);
+    s[f] = keep[f] != T(0) ? weight * term.grad : T(0);
   }
   for (int64_t r = 0; r < rows; ++r) {
     T sum = T(0);
@@ -298,11 +311,16 @@ int64_t grain_for(int64_t work_per_item) {
 // Shapes and dtypes (checks.h), then index ranges, before any kernel reads memory through an index.
 void check_inputs(const at::Tensor& hidden, const at::Tensor& weight,
                   const std::optional<at::Tensor>& bias, const at::Tensor& target,
-                  const at::Tensor& negatives, int64_t ignore_index) {
-  check_shapes(hidden, weight, bias, target, negatives);
+                  const at::Tensor& negatives, const std::optional<at::Tensor>& hard_negatives,
+                  int64_t ignore_index) {
+  check_shapes(hidden, weight, bias, target, negatives, hard_negatives);
   constexpr const char* kBound = "the number of rows of weight";
   check_class_indices(target, weight.size(0), "target", true, ignore_index, kBound);
   check_class_indices(negatives, weight.size(0), "negatives", false, 0, kBound);
+  if (hard_negatives.has_value()) {
+    check_class_indices(*hard_negatives, weight.size(0), "hard_negatives", true, ignore_index,
+                        kBound);
+  }
 }
 
 // Entries sorted by the row they add to (counting sort, stable): entries order[start[r]] ..
@@ -441,21 +459,23 @@ constexpr int64_t kSerialScatterWork = int64_t{1} << 18;
 std::tuple<at::Tensor, at::Tensor> sampled_loss_forward_cpu(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& target, const at::Tensor& negatives,
-    const std::optional<at::Tensor>& noise_probs, const at::Tensor& log_z, int64_t objective,
+    const std::optional<at::Tensor>& hard_negatives, const std::optional<at::Tensor>& noise_probs,
+    const at::Tensor& log_z, int64_t objective, double positive_weight,
     bool remove_accidental_hits, int64_t ignore_index) {
   // The GEMMs below are part of the kernel: an enclosing autocast region must not recast them.
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  check_inputs(hidden, weight, bias, target, negatives, ignore_index);
+  check_inputs(hidden, weight, bias, target, negatives, hard_negatives, ignore_index);
   check_loss_args(weight, noise_probs, log_z, objective);
   const bool uses_noise = objective != kNegativeSampling;
 
   const ForwardInputs in = prepare_forward(hidden, weight, bias, target, negatives, noise_probs,
-                                           uses_noise);
+                                           uses_noise, hard_negatives);
   const at::Tensor &h = in.h, &w = in.w, &b = in.b, &tgt = in.tgt, &neg = in.neg, &q = in.q;
   const at::ScalarType acc_dtype = in.acc_dtype;
   const at::Tensor &loss = in.values, &coef = in.coef;
-  const int64_t n_examples = h.size(0), dim = h.size(1), k = neg.size(-1);
-  const bool shared = neg.dim() == 1;
+  const Columns columns = make_columns(tgt, neg, in.hard, ignore_index);
+  const int64_t n_examples = h.size(0), dim = h.size(1), k = columns.k;
+  const bool shared = columns.shared;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(),
                                   "sampled_loss_forward_cpu", [&] {
@@ -481,71 +501,87 @@ std::tuple<at::Tensor, at::Tensor> sampled_loss_forward_cpu(
     const scalar_t* hp = h.const_data_ptr<scalar_t>();
     const scalar_t* wp = w.const_data_ptr<scalar_t>();
     const scalar_t* bp = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
-    const int64_t* tp = tgt.const_data_ptr<int64_t>();
-    const int64_t* np = neg.const_data_ptr<int64_t>();
     const acc_t* sp = shared ? neg_scores.const_data_ptr<acc_t>() : nullptr;
     acc_t* lossp = loss.mutable_data_ptr<acc_t>();
     acc_t* coefp = coef.mutable_data_ptr<acc_t>();
     const int64_t h_stride = h.stride(0), w_stride = w.stride(0);
-    const auto score = [&](const acc_t* h_row, int64_t row) {
-      return dot(h_row, wp + row * w_stride, dim) + (bp ? static_cast<acc_t>(bp[row]) : acc_t(0));
-    };
-    const auto scores = [&](const acc_t* h_row, const int64_t* rows, int64_t count, acc_t* s) {
-      row_scores(h_row, wp, w_stride, bp, rows, count, dim, s);
-    };
+    const int64_t cols = columns.count(), own = columns.per_example();
+    const bool softmax = objective == kSampledSoftmax;
 
-    at::parallel_for(0, n_examples, grain_for((1 + k) * dim), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, n_examples, grain_for(cols * dim), [&](int64_t begin, int64_t end) {
       // Examples go through the epilogue kBlock at a time.
       constexpr int64_t kBlock = 16;
-      const int64_t cols = 1 + k, block_values = kBlock * cols;
-      std::vector<acc_t> h_row(dim), log_q(block_values), target_q(kBlock), keep(block_values),
-          is_target(block_values, acc_t(0)), scratch(3 * block_values);
-      for (int64_t r = 0; r < kBlock; ++r) is_target[r * cols] = acc_t(1);
-      for (int64_t b = begin; b < end; b += kBlock) {
-        const int64_t rows = std::min(kBlock, end - b);
-        for (int64_t r = 0; r < rows; ++r) {
-          const int64_t i = b + r;
+      const int64_t block_values = kBlock * cols;
+      std::vector<acc_t> h_row(dim), log_q(block_values), keep(block_values),
+          label(block_values), scratch(3 * block_values);
+      std::vector<int64_t> rows(own);
+      std::vector<acc_t> own_scores(own);
+      for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
+        const int64_t block_rows = std::min(kBlock, end - b0);
+        for (int64_t r = 0; r < block_rows; ++r) {
+          const int64_t i = b0 + r;
           acc_t* s = coefp + i * cols;
           acc_t* q_row = log_q.data() + r * cols;
           acc_t* keep_row = keep.data() + r * cols;
-          const int64_t t = tp[i];
-          target_q[r] = acc_t(1);
-          if (t == ignore_index) {
+          acc_t* label_row = label.data() + r * cols;
+          const int64_t num_valid = columns.valid_positives(i);
+          if (num_valid == 0) {
             std::fill(s, s + cols, acc_t(0));
             std::fill(q_row, q_row + cols, acc_t(1));
             std::fill(keep_row, keep_row + cols, acc_t(0));
+            std::fill(label_row, label_row + cols, acc_t(0));
             continue;
           }
-          const int64_t* negs = shared ? np : np + i * k;
+          const acc_t positive_label =
+              softmax ? acc_t(1) / static_cast<acc_t>(num_valid) : static_cast<acc_t>(positive_weight);
+          for (int64_t j = 0; j < cols; ++j) {
+            const int64_t c = columns.class_of(i, j);
+            const bool dropped = columns.dropped(i, j, c, remove_accidental_hits);
+            keep_row[j] = dropped ? acc_t(0) : acc_t(1);
+            label_row[j] = columns.positive(j) && !dropped ? positive_label : acc_t(0);
+            // Noise probabilities, made logs below; a hard negative's is 1 (log 0). A shared
+            // negative's log is looked up once for the batch (below).
+            q_row[j] = !uses_noise || dropped || columns.from_gemm(j) ||
+                               !(columns.positive(j) || columns.sampled(j))
+                           ? acc_t(1)
+                           : static_cast<acc_t>(clamp_noise_prob(qp[c]));
+          }
+          // Scores of the columns this example gathers itself (padding reads row 0's place).
+          int64_t m = 0;
+          for (int64_t o = 0; o < own; ++o) {
+            const int64_t c = columns.class_of(i, columns.own_column(o));
+            rows[m++] = c == ignore_index && !columns.sampled(columns.own_column(o)) ? 0 : c;
+          }
           load_row(hp + i * h_stride, h_row.data(), dim);
-          s[0] = score(h_row.data(), t);
+          row_scores(h_row.data(), wp, w_stride, bp, rows.data(), own, dim, own_scores.data());
+          for (int64_t o = 0; o < own; ++o) s[columns.own_column(o)] = own_scores[o];
           if (shared) {
-            for (int64_t j = 1; j <= k; ++j) s[j] = sp[i * k + j - 1] + neg_bias[j - 1];
-          } else {
-            scores(h_row.data(), negs, k, s + 1);
+            const int64_t first = columns.num_positives;
+            for (int64_t j = 0; j < k; ++j) s[first + j] = sp[i * k + j] + neg_bias[j];
           }
-          keep_row[0] = acc_t(1);
-          for (int64_t j = 1; j <= k; ++j) {
-            keep_row[j] = remove_accidental_hits && negs[j - 1] == t ? acc_t(0) : acc_t(1);
-          }
-          if (uses_noise) {
-            // Noise probabilities, made logs below in one pass (a shared negative's already are).
-            q_row[0] = target_q[r] = static_cast<acc_t>(clamp_noise_prob(qp[t]));
-            for (int64_t j = 1; j <= k; ++j) {
-              q_row[j] = shared ? neg_log_q[j - 1]
-                                : static_cast<acc_t>(clamp_noise_prob(qp[negs[j - 1]]));
+        }
+        if (!shared) {
+          log_columns(log_q.data(), log_q.data(), block_rows * cols);
+        } else {
+          // The positives' and hard negatives' logs; the GEMM columns' from the batch's.
+          const int64_t first = columns.num_positives, last = first + k;
+          for (int64_t r = 0; r < block_rows; ++r) {
+            acc_t* q_row = log_q.data() + r * cols;
+            log_columns(q_row, q_row, first);
+            log_columns(q_row + last, q_row + last, cols - last);
+            if (!uses_noise) {
+              std::fill(q_row + first, q_row + last, acc_t(0));
+              continue;
+            }
+            const acc_t* keep_row = keep.data() + r * cols;
+            for (int64_t j = first; j < last; ++j) {
+              q_row[j] = keep_row[j] != acc_t(0) ? neg_log_q[j - first] : acc_t(0);
             }
           }
         }
-        if (uses_noise && shared) {
-          log_columns(target_q.data(), target_q.data(), rows);
-          for (int64_t r = 0; r < rows; ++r) log_q[r * cols] = target_q[r];
-        } else if (uses_noise) {
-          log_columns(log_q.data(), log_q.data(), rows * cols);
-        }
-        block_loss_and_grad<acc_t>(objective, rows, k, coefp + b * cols, log_q.data(), keep.data(),
-                                   is_target.data(), log_z_value, lossp + b, scratch.data(),
-                                   scratch.data() + block_values,
+        block_loss_and_grad<acc_t>(objective, block_rows, cols, k, coefp + b0 * cols, log_q.data(),
+                                   keep.data(), label.data(), log_z_value, lossp + b0,
+                                   scratch.data(), scratch.data() + block_values,
                                    scratch.data() + 2 * block_values);
       }
     });
@@ -554,6 +590,52 @@ std::tuple<at::Tensor, at::Tensor> sampled_loss_forward_cpu(
 }
 
 namespace {
+
+// Shared negatives' coefficients times grad_loss ([N] or a scalar), [N, T + k + h], and the
+// sums of the k GEMM columns first .. first + k - 1 (their bias gradients), in one pass. Threads
+// split the columns, and each column is summed over the examples in order: the same bits at any
+// thread count.
+template <typename T>
+void scale_and_sum_columns(const T* coef, const T* grad_loss, int64_t g_stride, int64_t n,
+                           int64_t cols, int64_t first, int64_t k, T* scaled, T* sums) {
+  // Blocks of 64 columns: each thread streams its columns' segments of every row.
+  constexpr int64_t kColumnBlock = 64;
+  const int64_t num_blocks = (cols + kColumnBlock - 1) / kColumnBlock;
+  at::parallel_for(0, num_blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> acc(kColumnBlock);
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t j0 = block * kColumnBlock, width = std::min(cols - j0, kColumnBlock);
+      std::fill(acc.begin(), acc.end(), T(0));
+      for (int64_t i = 0; i < n; ++i) {
+        const T g_i = grad_loss[i * g_stride];
+        const T* c_row = coef + i * cols + j0;
+        T* o_row = scaled + i * cols + j0;
+#pragma omp simd
+        for (int64_t j = 0; j < width; ++j) {
+          o_row[j] = c_row[j] * g_i;
+          acc[j] += o_row[j];
+        }
+      }
+      for (int64_t j = 0; j < width; ++j) {
+        if (j0 + j >= first && j0 + j < first + k) sums[j0 + j - first] = acc[j];
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> scale_and_sum_columns(const at::Tensor& coef,
+                                                         const at::Tensor& grad_loss,
+                                                         int64_t first, int64_t k) {
+  const int64_t n = coef.size(0), cols = coef.size(1);
+  auto scaled = at::empty_like(coef);
+  auto sums = at::empty({k}, coef.options());
+  AT_DISPATCH_FLOATING_TYPES(coef.scalar_type(), "scale_and_sum_columns", [&] {
+    scale_and_sum_columns(coef.const_data_ptr<scalar_t>(), grad_loss.const_data_ptr<scalar_t>(),
+                          grad_loss.dim() == 0 ? 0 : 1, n, cols, first, k,
+                          scaled.mutable_data_ptr<scalar_t>(), sums.mutable_data_ptr<scalar_t>());
+  });
+  return {scaled, sums};
+}
 
 // What a backward computes besides grad_hidden: the dense [V, D] / [V] gradients, only the touched
 // rows (listed ascending in `rows`), or nothing (a frozen output layer).
@@ -566,29 +648,35 @@ struct Gradients {
 Gradients backward_cpu(const at::Tensor& grad_loss, const at::Tensor& coef,
                        const at::Tensor& hidden, const at::Tensor& weight, bool has_bias,
                        const at::Tensor& target, const at::Tensor& negatives,
-                       int64_t ignore_index, WeightGrad mode) {
+                       const std::optional<at::Tensor>& hard_negatives, int64_t ignore_index,
+                       WeightGrad mode) {
   // The GEMMs below are part of the kernel: an enclosing autocast region must not recast them.
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  check_inputs(hidden, weight, std::nullopt, target, negatives, ignore_index);
+  check_inputs(hidden, weight, std::nullopt, target, negatives, hard_negatives, ignore_index);
   const int64_t n_examples = hidden.size(0), dim = hidden.size(1), k = negatives.size(-1);
   const int64_t num_rows = weight.size(0);
+  const int64_t cols = num_positives(target) + k + num_hard(hard_negatives);
   TORCH_CHECK_VALUE((grad_loss.dim() == 1 && grad_loss.size(0) == n_examples) ||
                         grad_loss.dim() == 0,
                     "grad_loss must be [N] or a scalar (the same for every example)");
-  TORCH_CHECK_VALUE(coef.dim() == 2 && coef.size(0) == n_examples && coef.size(1) == 1 + k,
-                    "coef must be [N, 1 + k]");
+  TORCH_CHECK_VALUE(coef.dim() == 2 && coef.size(0) == n_examples && coef.size(1) == cols,
+                    "coef must be [N, T + k + h]");
   const auto acc_dtype = hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto h = rows_of(hidden);
   const auto w = rows_of(weight);
   const auto tgt = target.contiguous();
   const auto neg = negatives.contiguous();
-  const bool shared = neg.dim() == 1;
+  const auto hard = hard_negatives.has_value() ? hard_negatives->contiguous() : at::Tensor();
+  const Columns columns = make_columns(tgt, neg, hard, ignore_index);
+  const bool shared = columns.shared;
   // Per-entry coefficients grad_loss[i] * dloss_i/ds_ij, multiplied where they are read; shared
-  // negatives, whose GEMMs take them as a matrix, get them as one [N, 1 + k] product.
+  // negatives, whose GEMMs take them as a matrix, get them as one [N, T + k + h] product.
   const auto g = grad_loss.to(acc_dtype).contiguous();
   const auto coef_acc = coef.to(acc_dtype).contiguous();
-  const auto scaled =
-      shared ? (coef_acc * (g.dim() == 0 ? g : g.unsqueeze(1))).contiguous() : coef_acc;
+  at::Tensor scaled = coef_acc, neg_bias_grad;
+  if (shared) {
+    std::tie(scaled, neg_bias_grad) = scale_and_sum_columns(coef_acc, g, columns.num_positives, k);
+  }
   auto grad_hidden = at::empty({n_examples, dim}, h.options());
   at::Tensor rows, grad_weight, grad_bias;
 
@@ -598,44 +686,44 @@ Gradients backward_cpu(const at::Tensor& grad_loss, const at::Tensor& coef,
     const scalar_t* hp = h.const_data_ptr<scalar_t>();
     const scalar_t* wp = w.const_data_ptr<scalar_t>();
     const int64_t h_stride = h.stride(0), w_stride = w.stride(0);
-    const int64_t* tp = tgt.const_data_ptr<int64_t>();
     const int64_t* np = neg.const_data_ptr<int64_t>();
     const acc_t* cp = scaled.const_data_ptr<acc_t>();
     const acc_t* gp = g.const_data_ptr<acc_t>();
     const int64_t g_stride = g.dim() == 0 ? 0 : 1;
     const auto coef_at = [&](int64_t i, int64_t j) {
-      return shared ? cp[i * (1 + k) + j] : cp[i * (1 + k) + j] * gp[i * g_stride];
+      return shared ? cp[i * cols + j] : cp[i * cols + j] * gp[i * g_stride];
     };
     scalar_t* ghp = grad_hidden.mutable_data_ptr<scalar_t>();
 
     // Shared negatives: dL/dH = C_neg W_n and dL/dW_n = C_neg^T H are two GEMMs.
     at::Tensor hidden_from_negs, grad_wn, grad_bn;
     if (shared) {
-      const auto c_neg = scaled.narrow(1, 1, k);
+      const auto c_neg = scaled.narrow(1, columns.num_positives, k);
       hidden_from_negs = at::mm(c_neg, w.index_select(0, neg).to(acc_dtype)).contiguous();
       if (mode != WeightGrad::kNone) {
         grad_wn = at::mm(c_neg.t(), h.to(acc_dtype)).contiguous();
-        grad_bn = c_neg.sum(0).contiguous();
+        grad_bn = neg_bias_grad;
       }
     }
 
-    // Entries with a zero coefficient (ignored examples, dropped hits) touch nothing.
-    const auto ignored = [&](int64_t i, int64_t j) {
-      return tp[i] == ignore_index || coef_at(i, j) == 0;
+    // The weight gradient's entries, in order: per example, e = i * own + m is the m-th column
+    // example i gathers itself (columns.h: positives, sampled negatives unless shared, hard
+    // negatives); with shared negatives, entries N * own .. N * own + k - 1 are their GEMM rows.
+    // visit(e, row) with row -1 where it touches nothing: padding, or a zero coefficient
+    // (ignored examples, dropped hits).
+    const int64_t own = columns.per_example();
+    const int64_t num_entries = n_examples * own + (shared ? k : 0);
+    const auto entry_row = [&](int64_t i, int64_t m) {
+      const int64_t j = columns.own_column(m);
+      const int64_t c = columns.class_of(i, j);
+      return columns.padding(j, c) || coef_at(i, j) == 0 ? int64_t{-1} : c;
     };
-    // The weight gradient's entries, in order: per example, e = i * (1 + k) + j is column j of
-    // example i (the target, then the negatives); shared, entries 0..N-1 are the targets and
-    // N..N+k-1 the negatives' GEMM rows. visit(e, row) with row -1 where it touches nothing.
-    const int64_t num_entries = shared ? n_examples + k : n_examples * (1 + k);
     const auto for_each_entry = [&](const auto& visit) {
       for (int64_t i = 0; i < n_examples; ++i) {
-        for (int64_t j = 0; j <= (shared ? 0 : k); ++j) {
-          visit(i * (shared ? 1 : 1 + k) + j,
-                ignored(i, j) ? -1 : (j == 0 ? tp[i] : np[i * k + j - 1]));
-        }
+        for (int64_t m = 0; m < own; ++m) visit(i * own + m, entry_row(i, m));
       }
       if (shared) {
-        for (int64_t j = 0; j < k; ++j) visit(n_examples + j, np[j]);
+        for (int64_t j = 0; j < k; ++j) visit(n_examples * own + j, np[j]);
       }
     };
     // One thread or little work: per example, its entries are added straight into the zeroed
@@ -675,32 +763,30 @@ Gradients backward_cpu(const at::Tensor& grad_loss, const at::Tensor& coef,
     const TouchedRows* touched_rows = touched ? &*touched : nullptr;
     const bool scatter_per_example = serial && !shared;
 
-    at::parallel_for(0, n_examples, scatter_per_example ? n_examples : grain_for((1 + k) * dim),
+    at::parallel_for(0, n_examples, scatter_per_example ? n_examples : grain_for(cols * dim),
                      [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> acc(dim), coefs(1 + k);
-      std::vector<int64_t> example_rows(1 + k), out_rows(1 + k);
+      std::vector<acc_t> acc(dim), coefs(own);
+      std::vector<int64_t> example_rows(own), out_rows(own);
       // Local copies: the stores below could alias the captured values, which the loop would
       // then reload from memory on every entry.
-      const int64_t num_negs = k, last_column = shared ? 0 : k, cols = 1 + k;
-      const int64_t ignored_class = ignore_index;
+      const Columns cols_of = columns;
+      const int64_t num_cols = cols, num_own = own;
       const acc_t* const coef_rows = cp;
       const acc_t* const grad_rows = gp;
-      const int64_t* const targets = tp;
-      const int64_t* const negs = np;
       for (int64_t i = begin; i < end; ++i) {
         // The rows with a non-zero coefficient, in entry order (a zero one is never read); an
         // ignored example has none. c is coef_at(i, j), computed the same way.
         int64_t m = 0;
-        const int64_t t = targets[i];
-        if (t != ignored_class) {
-          const acc_t* c_row = coef_rows + i * cols;
-          const acc_t g_i = shared ? acc_t(1) : grad_rows[i * g_stride];
-          for (int64_t j = 0; j <= last_column; ++j) {
-            const acc_t c = shared ? c_row[j] : c_row[j] * g_i;
-            if (c == 0) continue;
-            example_rows[m] = j == 0 ? t : negs[i * num_negs + j - 1];
-            coefs[m++] = c;
-          }
+        const acc_t* c_row = coef_rows + i * num_cols;
+        const acc_t g_i = shared ? acc_t(1) : grad_rows[i * g_stride];
+        for (int64_t o = 0; o < num_own; ++o) {
+          const int64_t j = cols_of.own_column(o);
+          const acc_t c = shared ? c_row[j] : c_row[j] * g_i;
+          if (c == 0) continue;
+          const int64_t row = cols_of.class_of(i, j);
+          if (cols_of.padding(j, row)) continue;
+          example_rows[m] = row;
+          coefs[m++] = c;
         }
         if (shared) {
           load_row(hidden_from_negs.const_data_ptr<acc_t>() + i * dim, acc.data(), dim);
@@ -720,35 +806,28 @@ Gradients backward_cpu(const at::Tensor& grad_loss, const at::Tensor& coef,
     });
     if (mode == WeightGrad::kNone || scatter_per_example) return;
 
-    std::vector<int64_t> entry_row(num_entries);
-    for_each_entry([&](int64_t e, int64_t r) { entry_row[e] = r; });
+    std::vector<int64_t> entry_rows(num_entries);
+    for_each_entry([&](int64_t e, int64_t r) { entry_rows[e] = r; });
     const auto add_entries = [&](const auto& add_entry) {
       if constexpr (std::is_same_v<scalar_t, acc_t>) {
-        if (serial) return scatter_entries(entry_row, touched_rows, dim, gwp, gbp, add_entry);
+        if (serial) return scatter_entries(entry_rows, touched_rows, dim, gwp, gbp, add_entry);
       }
-      sum_rows<scalar_t, acc_t>(EntriesByRow(entry_row, num_rows), touched_rows, dim, gwp, gbp,
+      sum_rows<scalar_t, acc_t>(EntriesByRow(entry_rows, num_rows), touched_rows, dim, gwp, gbp,
                                 add_entry);
     };
-    if (shared) {
-      const acc_t* gwn = grad_wn.const_data_ptr<acc_t>();
-      const acc_t* gbn = grad_bn.const_data_ptr<acc_t>();
-      add_entries([&](int64_t e, acc_t* acc) {
-        if (e < n_examples) {
-          const acc_t c = coef_at(e, 0);
-          axpy(c, hp + e * h_stride, acc, dim);
-          return c;
-        }
-        axpy(acc_t(1), gwn + (e - n_examples) * dim, acc, dim);
-        return gbn[e - n_examples];
-      });
-    } else {
-      add_entries([&](int64_t e, acc_t* acc) {
-        const int64_t i = e / (1 + k);
-        const acc_t c = coef_at(i, e - i * (1 + k));
-        axpy(c, hp + i * h_stride, acc, dim);
-        return c;
-      });
-    }
+    const int64_t first_gemm_entry = n_examples * own;
+    const acc_t* gwn = shared ? grad_wn.const_data_ptr<acc_t>() : nullptr;
+    const acc_t* gbn = shared ? grad_bn.const_data_ptr<acc_t>() : nullptr;
+    add_entries([&](int64_t e, acc_t* acc) {
+      if (e >= first_gemm_entry) {
+        axpy(acc_t(1), gwn + (e - first_gemm_entry) * dim, acc, dim);
+        return gbn[e - first_gemm_entry];
+      }
+      const int64_t i = e / own;
+      const acc_t c = coef_at(i, columns.own_column(e - i * own));
+      axpy(c, hp + i * h_stride, acc, dim);
+      return c;
+    });
   });
   return {grad_hidden, rows, grad_weight, grad_bias};
 }
@@ -758,27 +837,31 @@ Gradients backward_cpu(const at::Tensor& grad_loss, const at::Tensor& coef,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sampled_loss_backward_cpu(
     const at::Tensor& grad_loss, const at::Tensor& coef, const at::Tensor& hidden,
     const at::Tensor& weight, bool has_bias, const at::Tensor& target,
-    const at::Tensor& negatives, int64_t ignore_index) {
+    const at::Tensor& negatives, const std::optional<at::Tensor>& hard_negatives,
+    int64_t ignore_index) {
   auto g = backward_cpu(grad_loss, coef, hidden, weight, has_bias, target, negatives,
-                        ignore_index, WeightGrad::kDense);
+                        hard_negatives, ignore_index, WeightGrad::kDense);
   return {g.hidden, g.weight, g.bias};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sampled_loss_backward_rows_cpu(
     const at::Tensor& grad_loss, const at::Tensor& coef, const at::Tensor& hidden,
     const at::Tensor& weight, bool has_bias, const at::Tensor& target,
-    const at::Tensor& negatives, int64_t ignore_index) {
+    const at::Tensor& negatives, const std::optional<at::Tensor>& hard_negatives,
+    int64_t ignore_index) {
   auto g = backward_cpu(grad_loss, coef, hidden, weight, has_bias, target, negatives,
-                        ignore_index, WeightGrad::kRows);
+                        hard_negatives, ignore_index, WeightGrad::kRows);
   return {g.hidden, g.rows, g.weight, g.bias};
 }
 
 at::Tensor sampled_loss_backward_hidden_cpu(const at::Tensor& grad_loss, const at::Tensor& coef,
                                             const at::Tensor& hidden, const at::Tensor& weight,
                                             const at::Tensor& target,
-                                            const at::Tensor& negatives, int64_t ignore_index) {
-  return backward_cpu(grad_loss, coef, hidden, weight, false, target, negatives, ignore_index,
-                      WeightGrad::kNone)
+                                            const at::Tensor& negatives,
+                                            const std::optional<at::Tensor>& hard_negatives,
+                                            int64_t ignore_index) {
+  return backward_cpu(grad_loss, coef, hidden, weight, false, target, negatives, hard_negatives,
+                      ignore_index, WeightGrad::kNone)
       .hidden;
 }
 

@@ -3,6 +3,7 @@
 from . import reference
 from .functional import (
     full_softmax_loss,
+    gbce_loss,
     nce_loss,
     negative_sampling_loss,
     sampled_softmax_loss,
@@ -20,6 +21,7 @@ __all__ = [
     "FrequencyEstimator",
     "NCELoss",
     "full_softmax_loss",
+    "gbce_loss",
     "in_batch_softmax_loss",
     "init_output_bias_",
     "log_partition",

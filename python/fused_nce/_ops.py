@@ -22,19 +22,29 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def num_columns(target: Tensor, negatives: Tensor, hard_negatives: Optional[Tensor]) -> Any:
+    """T + k + h: an example's positives, sampled negatives and hard negatives."""
+    positives = target.shape[1] if target.dim() == 2 else 1
+    hard = hard_negatives.shape[1] if hard_negatives is not None else 0
+    return positives + negatives.shape[-1] + hard
+
+
 @torch.library.register_fake("fused_nce::sampled_loss_forward")
 def _(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, negatives: Tensor,
-      noise_probs: Optional[Tensor], log_z: Tensor, objective: int, remove_accidental_hits: bool,
+      hard_negatives: Optional[Tensor], noise_probs: Optional[Tensor], log_z: Tensor,
+      objective: int, positive_weight: float, remove_accidental_hits: bool,
       ignore_index: int) -> Tuple[Tensor, Tensor]:
-    n, k = hidden.shape[0], negatives.shape[-1]
+    n = hidden.shape[0]
     dtype = accumulation_dtype(hidden.dtype)
-    return hidden.new_empty((n,), dtype=dtype), hidden.new_empty((n, 1 + k), dtype=dtype)
+    cols = num_columns(target, negatives, hard_negatives)
+    return hidden.new_empty((n,), dtype=dtype), hidden.new_empty((n, cols), dtype=dtype)
 
 
 @torch.library.register_fake("fused_nce::sampled_loss")
 def _(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, negatives: Tensor,
-      noise_probs: Optional[Tensor], log_z: Tensor, objective: int, remove_accidental_hits: bool,
-      ignore_index: int, sparse_grad: bool, reduction: int) -> Tensor:
+      hard_negatives: Optional[Tensor], noise_probs: Optional[Tensor], log_z: Tensor,
+      objective: int, positive_weight: float, remove_accidental_hits: bool, ignore_index: int,
+      sparse_grad: bool, reduction: int) -> Tensor:
     if reduction not in REDUCTION_CODES.values():
         raise ValueError(f"unknown reduction {reduction}")
     shape = (hidden.shape[0],) if reduction == REDUCTION_CODES["none"] else ()
@@ -43,14 +53,15 @@ def _(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ne
 
 @torch.library.register_fake("fused_nce::sampled_loss_backward")
 def _(grad_loss: Tensor, coef: Tensor, hidden: Tensor, weight: Tensor, has_bias: bool,
-      target: Tensor, negatives: Tensor, ignore_index: int) -> Tuple[Tensor, Tensor, Tensor]:
+      target: Tensor, negatives: Tensor, hard_negatives: Optional[Tensor],
+      ignore_index: int) -> Tuple[Tensor, Tensor, Tensor]:
     grad_bias = weight.new_empty((weight.shape[0],) if has_bias else (0,))
     return torch.empty_like(hidden), torch.empty_like(weight), grad_bias
 
 
 @torch.library.register_fake("fused_nce::sampled_loss_backward_rows")
 def _(grad_loss: Tensor, coef: Tensor, hidden: Tensor, weight: Tensor, has_bias: bool,
-      target: Tensor, negatives: Tensor,
+      target: Tensor, negatives: Tensor, hard_negatives: Optional[Tensor],
       ignore_index: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     # How many distinct rows were touched is known only once the indices are read.
     num_rows = torch.library.get_ctx().new_dynamic_size()
@@ -61,7 +72,7 @@ def _(grad_loss: Tensor, coef: Tensor, hidden: Tensor, weight: Tensor, has_bias:
 
 @torch.library.register_fake("fused_nce::sampled_loss_backward_hidden")
 def _(grad_loss: Tensor, coef: Tensor, hidden: Tensor, weight: Tensor, target: Tensor,
-      negatives: Tensor, ignore_index: int) -> Tensor:
+      negatives: Tensor, hard_negatives: Optional[Tensor], ignore_index: int) -> Tensor:
     return hidden.new_empty(hidden.shape)
 
 
@@ -101,14 +112,16 @@ class CastFunction(torch.autograd.Function):
 
 
 def sampled_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
-                 negatives: Tensor, noise_probs: Optional[Tensor], log_z: Tensor, objective: int,
-                 remove_accidental_hits: bool, ignore_index: int, sparse_grad: bool,
-                 reduction: str) -> Tensor:
+                 negatives: Tensor, hard_negatives: Optional[Tensor],
+                 noise_probs: Optional[Tensor], log_z: Tensor, objective: int,
+                 positive_weight: float, remove_accidental_hits: bool, ignore_index: int,
+                 sparse_grad: bool, reduction: str) -> Tensor:
     """The differentiable loss (csrc/autograd.cpp): per example [N], or its sum or mean over the
-    examples not ignored. With ``sparse_grad`` the gradients of weight and bias are coalesced
-    sparse COO tensors that hold only the touched rows."""
-    loss: Tensor = ops.sampled_loss(hidden, weight, bias, target, negatives, noise_probs, log_z,
-                                    objective, remove_accidental_hits, ignore_index, sparse_grad,
+    examples not ignored (those with a valid positive). With ``sparse_grad`` the gradients of
+    weight and bias are coalesced sparse COO tensors that hold only the touched rows."""
+    loss: Tensor = ops.sampled_loss(hidden, weight, bias, target, negatives, hard_negatives,
+                                    noise_probs, log_z, objective, positive_weight,
+                                    remove_accidental_hits, ignore_index, sparse_grad,
                                     REDUCTION_CODES[reduction])
     return loss
 

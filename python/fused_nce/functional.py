@@ -75,14 +75,54 @@ def _check_model(hidden: object, weight: object, bias: object) -> Tuple[Tensor, 
     return hidden, weight, bias
 
 
-def _check_target(target: object, hidden: Tensor) -> Tensor:
+def _check_target(target: object, hidden: Tensor, several: bool = False) -> Tensor:
+    """``target`` [*] (hidden's leading shape), or with ``several`` also [*, T]: T positives per
+    example, ``ignore_index`` as padding."""
     target = _check_indices(target, "target")
-    if target.shape != hidden.shape[:-1]:
-        raise ValueError(f"target must have hidden's leading shape {tuple(hidden.shape[:-1])}, "
-                         f"got {tuple(target.shape)}")
+    batch = hidden.shape[:-1]
+    multi = several and target.dim() == hidden.dim() and target.dim() >= 1
+    if multi and (target.shape[:-1] != batch or target.shape[-1] < 1):
+        raise ValueError(f"target must be [*] or [*, T] with * = {tuple(batch)} (hidden's leading "
+                         f"shape) and T >= 1, got {tuple(target.shape)}")
+    if not multi and target.shape != batch:
+        shapes = "[*] or [*, T]" if several else "[*]"
+        raise ValueError(f"target must be {shapes} with * = {tuple(batch)} (hidden's leading "
+                         f"shape), got {tuple(target.shape)}")
     if target.device != hidden.device:
         raise ValueError(f"target is on {target.device} but hidden is on {hidden.device}")
     return target
+
+
+def _check_hard_negatives(hard_negatives: object, batch_shape: torch.Size,
+                          device: torch.device) -> Tensor:
+    hard = _check_indices(hard_negatives, "hard_negatives")
+    if hard.dim() != len(batch_shape) + 1 or hard.shape[:-1] != batch_shape:
+        raise ValueError(f"hard_negatives must be [*, h] with * = {tuple(batch_shape)} (hidden's "
+                         f"leading shape), got {tuple(hard.shape)}")
+    if hard.device != device:
+        raise ValueError(f"hard_negatives is on {hard.device} but hidden is on {device}")
+    return hard.reshape(batch_shape.numel(), hard.shape[-1])
+
+
+def _check_sample_weight(sample_weight: object, batch_shape: torch.Size,
+                         device: torch.device) -> Tensor:
+    weight = _check_tensor(sample_weight, "sample_weight")
+    if not weight.is_floating_point():
+        raise TypeError(f"sample_weight must be a floating-point tensor, got {weight.dtype}")
+    if weight.shape != batch_shape:
+        raise ValueError(f"sample_weight must be [*] = {tuple(batch_shape)} (hidden's leading "
+                         f"shape), got {tuple(weight.shape)}")
+    if weight.device != device:
+        raise ValueError(f"sample_weight is on {weight.device} but hidden is on {device}")
+    if can_read_values(weight) and not bool((torch.isfinite(weight) & (weight >= 0)).all()):
+        raise ValueError("sample_weight must be finite and non-negative")
+    return weight.detach().reshape(-1)
+
+
+def _counted(target: Tensor, ignore_index: int) -> Tensor:
+    """Examples with at least one valid positive (target [N] or [N, T])."""
+    valid = target != ignore_index
+    return valid.any(-1) if target.dim() == 2 else valid
 
 
 def _check_reduction(reduction: object) -> str:
@@ -112,8 +152,11 @@ def _as_sampler(noise: object, num_classes: int, device: torch.device) -> AliasS
 
 def _negatives(negatives: object, num_negatives: object, shared_negatives: bool,
                sampler: Optional[AliasSampler], batch_shape: torch.Size, device: torch.device,
-               generator: Optional[torch.Generator]) -> Tensor:
-    """Explicit negatives (checked) or fresh draws: [N, k], or [k] when shared."""
+               generator: Optional[torch.Generator], min_k: int = 1,
+               num_classes: int = 0) -> Tensor:
+    """Explicit negatives (checked) or fresh draws: [N, k], or [k] when shared. ``min_k`` 0
+    allows none (hard negatives only). Without a sampler the draws are uniform over
+    ``num_classes``."""
     n = batch_shape.numel()
     if negatives is not None:
         negatives = _check_indices(negatives, "negatives")
@@ -126,7 +169,7 @@ def _negatives(negatives: object, num_negatives: object, shared_negatives: bool,
             raise ValueError(f"negatives must be [*, k] with * = {tuple(batch_shape)} or [k], "
                              f"got {tuple(negatives.shape)}")
         k = negatives.shape[-1]
-        if k < 1:
+        if k < min_k:
             raise ValueError("negatives must hold k >= 1 negatives per example")
         if num_negatives is not None and num_negatives != k:
             raise ValueError(f"num_negatives={num_negatives} disagrees with negatives (k = {k})")
@@ -135,10 +178,13 @@ def _negatives(negatives: object, num_negatives: object, shared_negatives: bool,
         raise ValueError("num_negatives is required when negatives is not given")
     if isinstance(num_negatives, bool) or not isinstance(num_negatives, int):
         raise TypeError(f"num_negatives must be an int, got {type(num_negatives).__name__}")
-    if num_negatives < 1:
-        raise ValueError(f"num_negatives must be >= 1, got {num_negatives}")
-    assert sampler is not None
+    if num_negatives < min_k:
+        raise ValueError(f"num_negatives must be >= {min_k}, got {num_negatives}")
     size = (num_negatives,) if shared_negatives else (n, num_negatives)
+    if num_negatives == 0:
+        return torch.empty(size, dtype=torch.int64, device=device)
+    if sampler is None:  # gBCE's default noise: uniform over the classes
+        return torch.randint(num_classes, size, device=device, generator=generator)
     return sampler.sample(size, generator=generator)
 
 
@@ -146,31 +192,73 @@ def _sampled_loss(objective: str, hidden: Tensor, weight: Tensor, bias: Optional
                   target: Tensor, noise: Optional[Noise], num_negatives: Optional[int],
                   negatives: Optional[Tensor], shared_negatives: bool, log_z: Union[float, Tensor],
                   remove_accidental_hits: bool, ignore_index: int, reduction: str,
-                  generator: Optional[torch.Generator], sparse_grad: bool) -> Tensor:
+                  generator: Optional[torch.Generator], sparse_grad: bool,
+                  hard_negatives: Optional[Tensor] = None,
+                  sample_weight: Optional[Tensor] = None, gbce_t: float = 0.0) -> Tensor:
     hidden, weight, bias = _check_model(*_autocast(hidden, weight, bias, sparse_grad))
-    target = _check_target(target, hidden)
+    target = _check_target(target, hidden, several=True)
     reduction = _check_reduction(reduction)
     num_classes, device = weight.shape[0], hidden.device
-    uses_noise = objective != "negative_sampling"
+    gbce = objective == "gbce"
+    uses_noise = objective not in ("negative_sampling", "gbce")
+    batch_shape = hidden.shape[:-1]
+    n = batch_shape.numel()
+    hard = None
+    if hard_negatives is not None:
+        if objective == "nce":
+            raise ValueError("hard_negatives are not supported by nce_loss: NCE's noise terms "
+                             "assume negatives drawn from the noise distribution (use "
+                             "sampled_softmax_loss, negative_sampling_loss or gbce_loss)")
+        hard = _check_hard_negatives(hard_negatives, batch_shape, device)
+    weights = (_check_sample_weight(sample_weight, batch_shape, device)
+               if sample_weight is not None else None)
     sampler = None
     if noise is not None:
         sampler = _as_sampler(noise, num_classes, device)
-    elif uses_noise or negatives is None:
+    elif uses_noise or (negatives is None and not gbce):
         raise ValueError(f"noise is required for {objective} unless it is negative sampling "
                          "with explicit negatives")
-    batch_shape = target.shape
     negs = _negatives(negatives, num_negatives, shared_negatives, sampler, batch_shape, device,
-                      generator)
+                      generator, min_k=0 if hard is not None and not gbce else 1,
+                      num_classes=num_classes)
+    positive_weight = 1.0
+    if gbce:
+        positive_weight = _gbce_beta(gbce_t, negs.shape[-1], num_classes)
     log_z_t = _log_z_tensor(log_z, device, accumulation_dtype(hidden.dtype))
     noise_probs = sampler.probs if (uses_noise and sampler is not None) else None
-    # [*, D] and [*] to [N, D] and [N] (a view costs a microsecond: none where already flat).
-    flat = target.dim() == 1
-    loss = sampled_loss(
-        hidden if flat else hidden.reshape(-1, hidden.shape[-1]), weight, bias,
-        target if flat else target.reshape(-1), negs, noise_probs,
-        log_z_t, OBJECTIVES[objective], bool(remove_accidental_hits), int(ignore_index),
-        bool(sparse_grad), reduction)
-    return loss if flat or reduction != "none" else loss.reshape(target.shape)
+    # [*, D], [*] / [*, T] to [N, D], [N] / [N, T] (a view costs a microsecond: none where
+    # already flat).
+    flat_hidden = hidden if hidden.dim() == 2 else hidden.reshape(n, hidden.shape[-1])
+    several = target.dim() == hidden.dim()
+    flat_target = (target.reshape(n, target.shape[-1]) if several
+                   else target if target.dim() == 1 else target.reshape(n))
+    kernel_reduction = "none" if weights is not None else reduction
+    code = OBJECTIVES["negative_sampling" if gbce else objective]
+    loss = sampled_loss(flat_hidden, weight, bias, flat_target, negs, hard, noise_probs, log_z_t,
+                        code, positive_weight, bool(remove_accidental_hits), int(ignore_index),
+                        bool(sparse_grad), kernel_reduction)
+    if weights is not None:
+        loss = loss * weights.to(loss.dtype)
+        if reduction == "sum":
+            return loss.sum()
+        if reduction == "mean":
+            return loss.sum() / _counted(flat_target, ignore_index).sum().clamp_min(1)
+    return loss if reduction != "none" or loss.shape == batch_shape else loss.reshape(batch_shape)
+
+
+def _gbce_beta(t: object, k: int, num_classes: int) -> float:
+    """gSASRec's beta = alpha (t (1 - 1/alpha) + 1/alpha), alpha = k / (V - 1): the power of the
+    positive's sigmoid that calibrates BCE with k negatives sampled out of V - 1."""
+    if isinstance(t, bool) or not isinstance(t, (int, float)):
+        raise TypeError(f"t must be a float in [0, 1], got {type(t).__name__}")
+    if not 0.0 <= float(t) <= 1.0:
+        raise ValueError(f"t must lie in [0, 1], got {t}")
+    if num_classes < 2:
+        raise ValueError("gbce_loss needs weight with at least 2 rows (alpha = k / (V - 1))")
+    if k < 1:
+        raise ValueError("gbce_loss needs k >= 1 sampled or explicit negatives per example")
+    alpha = k / (num_classes - 1)
+    return alpha * (float(t) * (1.0 - 1.0 / alpha) + 1.0 / alpha)
 
 
 # A float log_z as a 0-dim tensor, made once per (value, device, dtype) instead of on every call;
@@ -219,29 +307,42 @@ def nce_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Ten
              negatives: Optional[Tensor] = None, shared_negatives: bool = False,
              log_z: Union[float, Tensor] = 0.0, remove_accidental_hits: bool = False,
              ignore_index: int = -100, reduction: str = "mean",
-             generator: Optional[torch.Generator] = None, sparse_grad: bool = False) -> Tensor:
+             generator: Optional[torch.Generator] = None, sparse_grad: bool = False,
+             hard_negatives: Optional[Tensor] = None,
+             sample_weight: Optional[Tensor] = None) -> Tensor:
     """Noise contrastive estimation (Gutmann & Hyvarinen; Mnih & Teh).
 
-    ``l_i = softplus(-d(t_i)) + sum_j softplus(d(n_ij))`` with ``d(w) = s_i(w) - log_z - log(k q(w))``
-    and ``s_i(w) = <hidden_i, weight[w]> + bias[w]``.
+    ``l_i = sum_{t in P_i} softplus(-d(t)) + sum_j softplus(d(n_ij))`` with
+    ``d(w) = s_i(w) - log_z - log(k q(w))`` and ``s_i(w) = <hidden_i, weight[w]> + bias[w]``;
+    ``P_i`` is the example's valid positives (one, or several with ``target`` ``[*, T]``).
+    TensorFlow's ``nce_loss(num_true=T)`` instead labels each true logit ``1/T``, which adds
+    ``(1 - 1/T) sum_{t in P_i} d(t)`` to this loss.
 
     Args:
         hidden: ``[*, D]`` float32 / float64 / float16 / bfloat16.
         weight: ``[V, D]`` output embedding, same dtype and device as ``hidden``.
         bias: ``[V]`` or None.
-        target: ``[*]`` int64 classes; ``ignore_index`` marks examples to skip.
+        target: ``[*]`` int64 classes, or ``[*, T]``: T positives per example. ``ignore_index``
+            marks padding; an example with no valid positive contributes 0 and is not counted
+            by ``"mean"``.
         noise: ``AliasSampler`` or ``[V]`` non-negative weights: the noise distribution q.
         num_negatives: k, the number of negatives to draw (when ``negatives`` is None).
         negatives: explicit int64 negatives ``[*, k]`` per example or ``[k]`` shared.
         shared_negatives: draw one ``[k]`` set for the whole batch.
         log_z: the log normalizer, a float or a 0-dim tensor (learned if it requires grad).
-        remove_accidental_hits: drop negatives equal to the example's target.
-        ignore_index: target value whose examples contribute 0 and are not counted.
+        remove_accidental_hits: drop negatives equal to any of the example's valid positives.
+        ignore_index: target (and hard negative) value that marks padding.
         reduction: ``"mean"`` (over non-ignored examples), ``"sum"`` or ``"none"`` (``[*]``).
         generator: ``torch.Generator`` for the draws (default: torch's default generator, which
             is also the one to use under ``torch.compile``: it cannot trace a generator object).
         sparse_grad: make the gradients of ``weight`` and ``bias`` coalesced sparse COO tensors
             holding only the touched rows (for ``SGD``, ``SparseAdam``, ``Adagrad``).
+        hard_negatives: ``[*, h]`` int64 negatives chosen by the caller (items shown but not
+            clicked, mined neighbours), beside the sampled ones; ``ignore_index`` pads. Not for
+            ``nce_loss`` (a ``ValueError``): NCE's noise terms assume draws from ``q``.
+        sample_weight: ``[*]`` non-negative per-example weights (not differentiated):
+            ``l_i <- sample_weight_i * l_i``; ``"mean"`` still divides by the number of counted
+            examples.
 
     Under ``torch.autocast``, ``hidden``, ``weight`` and ``bias`` are cast to the autocast dtype
     as ``F.linear`` casts them; the loss stays float32.
@@ -251,7 +352,7 @@ def nce_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Ten
     """
     return _sampled_loss("nce", hidden, weight, bias, target, noise, num_negatives, negatives,
                          shared_negatives, log_z, remove_accidental_hits, ignore_index,
-                         reduction, generator, sparse_grad)
+                         reduction, generator, sparse_grad, hard_negatives, sample_weight)
 
 
 def negative_sampling_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
@@ -259,15 +360,39 @@ def negative_sampling_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor
                            negatives: Optional[Tensor] = None, shared_negatives: bool = False,
                            remove_accidental_hits: bool = False, ignore_index: int = -100,
                            reduction: str = "mean", generator: Optional[torch.Generator] = None,
-                           sparse_grad: bool = False) -> Tensor:
-    """Negative sampling (word2vec): ``softplus(-s_i(t_i)) + sum_j softplus(s_i(n_ij))``.
+                           sparse_grad: bool = False, hard_negatives: Optional[Tensor] = None,
+                           sample_weight: Optional[Tensor] = None) -> Tensor:
+    """Negative sampling (word2vec):
+    ``sum_{t in P_i} softplus(-s_i(t)) + sum_j softplus(s_i(n_ij))``, hard negatives adding
+    ``softplus(s_i(w))`` each.
 
     Arguments as in :func:`nce_loss` (no ``log_z``); ``noise`` may be None when ``negatives``
-    is given.
+    is given, and ``num_negatives=0`` is allowed with ``hard_negatives`` (hard negatives only).
     """
     return _sampled_loss("negative_sampling", hidden, weight, bias, target, noise, num_negatives,
                          negatives, shared_negatives, 0.0, remove_accidental_hits, ignore_index,
-                         reduction, generator, sparse_grad)
+                         reduction, generator, sparse_grad, hard_negatives, sample_weight)
+
+
+def gbce_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+              noise: Optional[Noise] = None, *, num_negatives: Optional[int] = None,
+              negatives: Optional[Tensor] = None, shared_negatives: bool = False,
+              t: float = 0.75, remove_accidental_hits: bool = False, ignore_index: int = -100,
+              reduction: str = "mean", generator: Optional[torch.Generator] = None,
+              sparse_grad: bool = False, hard_negatives: Optional[Tensor] = None,
+              sample_weight: Optional[Tensor] = None) -> Tensor:
+    """gBCE, generalised binary cross-entropy (gSASRec, Petrov & Macdonald, RecSys 2023).
+
+    ``l_i = beta sum_{t in P_i} softplus(-s_i(t)) + sum_j softplus(s_i(n_ij))`` (hard negatives
+    adding ``softplus(s_i(w))`` each) with ``beta = alpha (t (1 - 1/alpha) + 1/alpha)`` and
+    ``alpha = k / (V - 1)``, k the sampled or explicit negatives per example (hard negatives not
+    counted). ``t = 0`` is plain BCE (``beta = 1``); ``t`` must lie in ``[0, 1]``. With neither
+    ``noise`` nor ``negatives`` the negatives are drawn uniformly over the V classes, as gSASRec
+    draws them. Other arguments as in :func:`negative_sampling_loss`.
+    """
+    return _sampled_loss("gbce", hidden, weight, bias, target, noise, num_negatives, negatives,
+                         shared_negatives, 0.0, remove_accidental_hits, ignore_index, reduction,
+                         generator, sparse_grad, hard_negatives, sample_weight, t)
 
 
 def sampled_softmax_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
@@ -275,15 +400,21 @@ def sampled_softmax_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
                          negatives: Optional[Tensor] = None, shared_negatives: bool = False,
                          remove_accidental_hits: bool = True, ignore_index: int = -100,
                          reduction: str = "mean", generator: Optional[torch.Generator] = None,
-                         sparse_grad: bool = False) -> Tensor:
+                         sparse_grad: bool = False, hard_negatives: Optional[Tensor] = None,
+                         sample_weight: Optional[Tensor] = None) -> Tensor:
     """Sampled softmax with logQ correction (importance sampling).
 
-    ``l_i = logsumexp(o(t_i), o(n_i1), ..., o(n_ik)) - o(t_i)`` with ``o(w) = s_i(w) - log q(w)``.
-    Arguments as in :func:`nce_loss` (no ``log_z``; accidental hits are removed by default).
+    ``l_i = logsumexp_{w in P_i + negatives_i} o(w) - (1/|P_i|) sum_{t in P_i} o(t)`` with
+    ``o(w) = s_i(w) - log q(w)`` (``o = s`` for a hard negative: it was not drawn from q); with
+    one positive ``l_i = logsumexp(o(t_i), o(n_i1), ..., o(n_ik)) - o(t_i)``. Several positives
+    get TensorFlow's soft labels ``1/|P_i|``: with no padding this equals
+    ``tf.nn.sampled_softmax_loss(num_true=T)`` given the same sampled values. Arguments as in
+    :func:`nce_loss` (no ``log_z``; accidental hits are removed by default;
+    ``num_negatives=0`` is allowed with ``hard_negatives``).
     """
     return _sampled_loss("sampled_softmax", hidden, weight, bias, target, noise, num_negatives,
                          negatives, shared_negatives, 0.0, remove_accidental_hits, ignore_index,
-                         reduction, generator, sparse_grad)
+                         reduction, generator, sparse_grad, hard_negatives, sample_weight)
 
 
 def full_softmax_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, *,
