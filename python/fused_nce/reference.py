@@ -8,7 +8,7 @@ float32 for half / bfloat16 / float32 inputs, float64 for float64.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -18,32 +18,138 @@ from torch import Tensor
 TINY_PROB = 1.401298464324817e-45
 
 
-def _scores(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
-            negatives: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Target scores [N], negative scores [N, k], flat targets [N] and negatives [N, k].
+class _Columns:
+    """An example's scores by kind of column, in the accumulation dtype: positives ``pos`` [N, T]
+    (``target`` [N] is T = 1), sampled negatives ``neg`` [N, k] and hard negatives ``hard``
+    [N, h], with their (clamped) classes and which of them take part."""
 
-    Rows are gathered in the input dtype first and only the gathered rows are converted to the
-    accumulation dtype: never a copy of the whole ``[V, D]`` table or its gradient."""
-    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    h = hidden.reshape(-1, hidden.shape[-1]).to(acc)
-    t = target.reshape(-1)
-    safe_t = t.clamp(0, weight.shape[0] - 1)
-    k = negatives.shape[-1]
-    if negatives.dim() == 1:
-        n = negatives.expand(h.shape[0], k)
-        neg = h @ weight[negatives].to(acc).T
-    else:
-        n = negatives.reshape(-1, k)
-        neg = torch.einsum("nd,nkd->nk", h, weight[n].to(acc))
-    pos = (h * weight[safe_t].to(acc)).sum(-1)
-    if bias is not None:
-        pos = pos + bias[safe_t].to(acc)
-        neg = neg + bias[n].to(acc)
-    return pos, neg, t, n
+    def __init__(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+                 negatives: Tensor, hard_negatives: Optional[Tensor], ignore_index: int,
+                 remove_accidental_hits: bool) -> None:
+        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        h = hidden.reshape(-1, hidden.shape[-1]).to(acc)
+        n, last = h.shape[0], weight.shape[0] - 1
+        t = target.reshape(n, target.shape[-1] if target.dim() == hidden.dim() else 1)
+        self.pos_valid = t != ignore_index
+        self.counted = self.pos_valid.any(1)
+        self.pos_class = t.clamp(0, last)
+        k = negatives.shape[-1]
+        self.neg_class = (negatives.expand(n, k) if negatives.dim() == 1
+                          else negatives.reshape(n, k))
+        hard = (hard_negatives.reshape(n, hard_negatives.shape[-1]) if hard_negatives is not None
+                else t.new_empty((n, 0)))
+        self.hard_class = hard.clamp(0, last)
+
+        # Rows gathered in the input dtype first, then converted: never the whole [V, D] table.
+        def scores(classes: Tensor) -> Tensor:
+            out = torch.einsum("nd,nmd->nm", h, weight[classes].to(acc))
+            return out + bias[classes].to(acc) if bias is not None else out
+
+        self.pos = scores(self.pos_class)
+        self.neg = (h @ weight[negatives].to(acc).T + (bias[negatives].to(acc) if bias is not None
+                                                         else 0)
+                    if negatives.dim() == 1 else scores(self.neg_class))
+        self.hard = scores(self.hard_class)
+
+        def hits(classes: Tensor) -> Tensor:
+            same = classes.unsqueeze(2) == t.unsqueeze(1)
+            return (same & self.pos_valid.unsqueeze(1)).any(2)
+
+        self.neg_kept = ~hits(self.neg_class) if remove_accidental_hits else torch.ones_like(
+            self.neg_class, dtype=torch.bool)
+        self.hard_kept = hard != ignore_index
+        if remove_accidental_hits:
+            self.hard_kept &= ~hits(self.hard_class)
 
 
 def _log_q(noise_probs: Tensor, index: Tensor, dtype: torch.dtype) -> Tensor:
     return noise_probs.to(torch.float32).clamp_min(TINY_PROB).to(dtype).log()[index]
+
+
+def _finish(loss: Tensor, c: _Columns, target: Tensor, hidden: Tensor, reduction: str,
+            sample_weight: Optional[Tensor]) -> Tensor:
+    """Zero for uncounted examples, weighted, reduced ("mean" over the counted examples)."""
+    loss = torch.where(c.counted, loss, torch.zeros_like(loss))
+    if sample_weight is not None:
+        loss = loss * sample_weight.reshape(-1).to(loss.dtype)
+    if reduction == "none":
+        return loss.reshape(hidden.shape[:-1])
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / c.counted.sum().clamp_min(1)
+
+
+def _masked_sum(values: Tensor, keep: Tensor) -> Tensor:
+    return torch.where(keep, values, torch.zeros_like(values)).sum(-1)
+
+
+def _binary_loss(c: _Columns, pos: Tensor, neg: Tensor, positive_weight: float = 1.0) -> Tensor:
+    return (positive_weight * _masked_sum(F.softplus(-pos), c.pos_valid)
+            + _masked_sum(F.softplus(neg), c.neg_kept) + _masked_sum(F.softplus(c.hard), c.hard_kept))
+
+
+def nce_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+             noise_probs: Tensor, negatives: Tensor, *, log_z: Union[float, Tensor] = 0.0,
+             remove_accidental_hits: bool = False, ignore_index: int = -100,
+             reduction: str = "mean", sample_weight: Optional[Tensor] = None) -> Tensor:
+    """NCE: ``sum_{t in P} softplus(-d(t)) + sum_j softplus(d(n_j))`` with
+    ``d = s - log_z - log(k q)``."""
+    c = _Columns(hidden, weight, bias, target, negatives, None, ignore_index,
+                 remove_accidental_hits)
+    k = negatives.shape[-1]
+    shift = log_z + torch.log(torch.tensor(float(k), dtype=c.pos.dtype, device=c.pos.device))
+    pos = c.pos - shift - _log_q(noise_probs, c.pos_class, c.pos.dtype)
+    neg = c.neg - shift - _log_q(noise_probs, c.neg_class, c.pos.dtype)
+    return _finish(_binary_loss(c, pos, neg), c, target, hidden, reduction, sample_weight)
+
+
+def negative_sampling_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+                           negatives: Tensor, *, remove_accidental_hits: bool = False,
+                           ignore_index: int = -100, reduction: str = "mean",
+                           hard_negatives: Optional[Tensor] = None,
+                           sample_weight: Optional[Tensor] = None) -> Tensor:
+    """Negative sampling: ``sum_{t in P} softplus(-s(t)) + sum_j softplus(s(n_j))`` (+ hard)."""
+    c = _Columns(hidden, weight, bias, target, negatives, hard_negatives, ignore_index,
+                 remove_accidental_hits)
+    return _finish(_binary_loss(c, c.pos, c.neg), c, target, hidden, reduction, sample_weight)
+
+
+def gbce_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+              negatives: Tensor, *, t: float = 0.75, remove_accidental_hits: bool = False,
+              ignore_index: int = -100, reduction: str = "mean",
+              hard_negatives: Optional[Tensor] = None,
+              sample_weight: Optional[Tensor] = None) -> Tensor:
+    """gBCE (gSASRec): ``beta sum_{t in P} softplus(-s(t)) + sum_j softplus(s(n_j))`` (+ hard),
+    ``beta = alpha (t (1 - 1/alpha) + 1/alpha)``, ``alpha = k / (V - 1)``."""
+    c = _Columns(hidden, weight, bias, target, negatives, hard_negatives, ignore_index,
+                 remove_accidental_hits)
+    alpha = negatives.shape[-1] / (weight.shape[0] - 1)
+    beta = alpha * (t * (1 - 1 / alpha) + 1 / alpha)
+    return _finish(_binary_loss(c, c.pos, c.neg, beta), c, target, hidden, reduction,
+                   sample_weight)
+
+
+def sampled_softmax_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+                         noise_probs: Tensor, negatives: Tensor, *,
+                         remove_accidental_hits: bool = True, ignore_index: int = -100,
+                         reduction: str = "mean", hard_negatives: Optional[Tensor] = None,
+                         sample_weight: Optional[Tensor] = None) -> Tensor:
+    """Sampled softmax with logQ correction: cross-entropy over ``[o(P), o(n_1..k), s(hard)]``
+    with soft labels ``1/|P|`` on the positives, ``o = s - log q``."""
+    c = _Columns(hidden, weight, bias, target, negatives, hard_negatives, ignore_index,
+                 remove_accidental_hits)
+    pos = c.pos - _log_q(noise_probs, c.pos_class, c.pos.dtype)
+    neg = c.neg - _log_q(noise_probs, c.neg_class, c.pos.dtype)
+    ninf = float("-inf")
+    logits = torch.cat([pos.masked_fill(~c.pos_valid, ninf), neg.masked_fill(~c.neg_kept, ninf),
+                        c.hard.masked_fill(~c.hard_kept, ninf)], dim=1)
+    # An uncounted example (no valid positive) gets finite stand-in logits: no NaN gradient.
+    logits = torch.where(c.counted.unsqueeze(1), logits, torch.zeros_like(logits))
+    valid = c.pos_valid.sum(1).clamp_min(1)
+    mean_positive = _masked_sum(pos, c.pos_valid) / valid
+    lse = torch.logsumexp(logits, dim=1)
+    loss = torch.where(c.counted, lse - mean_positive, torch.zeros_like(lse))
+    return _finish(loss, c, target, hidden, reduction, sample_weight)
 
 
 def _reduce(loss: Tensor, target: Tensor, ignore_index: int, reduction: str) -> Tensor:
@@ -54,54 +160,6 @@ def _reduce(loss: Tensor, target: Tensor, ignore_index: int, reduction: str) -> 
     if reduction == "sum":
         return loss.sum()
     return loss.sum() / keep.sum().clamp_min(1)
-
-
-def _binary_loss(pos: Tensor, neg: Tensor, t: Tensor, n: Tensor,
-                 remove_accidental_hits: bool) -> Tensor:
-    neg_terms = F.softplus(neg)
-    if remove_accidental_hits:
-        neg_terms = neg_terms.masked_fill(n == t.unsqueeze(1), 0.0)
-    return F.softplus(-pos) + neg_terms.sum(-1)
-
-
-def nce_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
-             noise_probs: Tensor, negatives: Tensor, *, log_z: Union[float, Tensor] = 0.0,
-             remove_accidental_hits: bool = False, ignore_index: int = -100,
-             reduction: str = "mean") -> Tensor:
-    """NCE: ``softplus(-d(t)) + sum_j softplus(d(n_j))`` with ``d = s - log_z - log(k q)``."""
-    pos, neg, t, n = _scores(hidden, weight, bias, target, negatives)
-    k = negatives.shape[-1]
-    shift = log_z + torch.log(torch.tensor(float(k), dtype=pos.dtype, device=pos.device))
-    safe_t = t.clamp(0, weight.shape[0] - 1)
-    pos = pos - shift - _log_q(noise_probs, safe_t, pos.dtype)
-    neg = neg - shift - _log_q(noise_probs, n, pos.dtype)
-    loss = _binary_loss(pos, neg, t, n, remove_accidental_hits)
-    return _reduce(loss, target, ignore_index, reduction)
-
-
-def negative_sampling_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
-                           negatives: Tensor, *, remove_accidental_hits: bool = False,
-                           ignore_index: int = -100, reduction: str = "mean") -> Tensor:
-    """Negative sampling: ``softplus(-s(t)) + sum_j softplus(s(n_j))``."""
-    pos, neg, t, n = _scores(hidden, weight, bias, target, negatives)
-    loss = _binary_loss(pos, neg, t, n, remove_accidental_hits)
-    return _reduce(loss, target, ignore_index, reduction)
-
-
-def sampled_softmax_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
-                         noise_probs: Tensor, negatives: Tensor, *,
-                         remove_accidental_hits: bool = True, ignore_index: int = -100,
-                         reduction: str = "mean") -> Tensor:
-    """Sampled softmax with logQ correction: cross-entropy over ``[o(t), o(n_1..k)]``, o = s - log q."""
-    pos, neg, t, n = _scores(hidden, weight, bias, target, negatives)
-    safe_t = t.clamp(0, weight.shape[0] - 1)
-    pos = pos - _log_q(noise_probs, safe_t, pos.dtype)
-    neg = neg - _log_q(noise_probs, n, pos.dtype)
-    if remove_accidental_hits:
-        neg = neg.masked_fill(n == t.unsqueeze(1), float("-inf"))
-    logits = torch.cat([pos.unsqueeze(1), neg], dim=1)
-    loss = torch.logsumexp(logits, dim=1) - pos
-    return _reduce(loss, target, ignore_index, reduction)
 
 
 def full_softmax_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, *,
