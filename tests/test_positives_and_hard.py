@@ -189,8 +189,6 @@ def test_gbce_default_noise_is_uniform():
     torch.manual_seed(0)
     uniform = torch.randint(50, (40, 8))
     assert torch.equal(drawn, fused_nce.gbce_loss(*args, negatives=uniform))
-    counts = torch.bincount(torch.randint(50, (200_000,)), minlength=50).double()
-    assert ((counts - 4000).abs() < 5 * 4000 ** 0.5).all()
 
 
 def test_hard_negatives_only(device):
