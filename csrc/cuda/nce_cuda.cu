@@ -27,6 +27,7 @@ namespace {
 
 struct LossOptions {
   int64_t objective;
+  double positive_weight;  // the binary objectives' positive terms (gBCE's beta; 1 otherwise)
   bool remove_accidental_hits;
 };
 
@@ -44,31 +45,35 @@ __global__ void __launch_bounds__(kWarpsPerBlock* kWarpSize, 4)
   const int64_t i = global_warp();
   if (i >= p.n) return;
   const int lane = threadIdx.x % kWarpSize;
-  const int64_t cols = p.columns();
+  const Columns& c = p.cols;
+  const int64_t cols = c.count();
   acc_t* s = coef + i * cols;
-  const int64_t t = p.target[i];
-  if (p.ignored(i)) {
+  const int64_t num_valid = c.valid_positives(i);
+  if (num_valid == 0) {
     // Negatives are checked for every example, ignored ones too, as on the CPU.
-    if (!p.shared) {
-      for (int64_t j = lane; j < p.k; j += kWarpSize) p.valid(p.negatives[i * p.k + j]);
+    for (int64_t j = c.num_positives + lane; j < cols; j += kWarpSize) {
+      const int64_t cls = c.class_of(i, j);
+      if (!c.from_gemm(j) && !c.padding(j, cls)) p.valid(cls);
     }
     for (int64_t j = lane; j < cols; j += kWarpSize) s[j] = 0;
     if (lane == 0) loss[i] = 0;
     return;
   }
 
-  // Scores s[j] = <h_i, W[c_j]> + b[c_j]; with shared negatives only the target's is gathered.
+  // Scores s[j] = <h_i, W[c_j]> + b[c_j] of the columns the example gathers itself (with shared
+  // negatives: its positives and hard negatives); padding is not gathered.
   const scalar_t* h = p.hidden_row(i);
-  const int64_t gathered = p.shared ? 1 : cols;
+  const int64_t gathered = c.per_example();
   const int64_t num_vecs = p.dim / VEC;
   for (int64_t j0 = 0; j0 < gathered; j0 += kRows) {
     int64_t row[kRows];
     acc_t dot[kRows];
 #pragma unroll
     for (int u = 0; u < kRows; ++u) {
-      const int64_t j = j0 + u;
-      const int64_t c = j < gathered ? p.column_class(i, j) : -1;
-      row[u] = (j < gathered && p.valid(c)) ? c : -1;
+      const int64_t m = j0 + u;
+      const int64_t j = m < gathered ? c.own_column(m) : 0;
+      const int64_t cls = m < gathered ? c.class_of(i, j) : -1;
+      row[u] = (m < gathered && !c.padding(j, cls) && p.valid(cls)) ? cls : -1;
       dot[u] = 0;
     }
 #pragma unroll 2
@@ -100,16 +105,16 @@ __global__ void __launch_bounds__(kWarpsPerBlock* kWarpSize, 4)
       for (int u = 0; u < kRows; ++u) {
         if (j0 + u >= gathered) break;
         const acc_t b = (p.bias != nullptr && row[u] >= 0) ? static_cast<acc_t>(p.bias[row[u]]) : 0;
-        s[j0 + u] = dot[u] + b;
+        s[c.own_column(j0 + u)] = dot[u] + b;
       }
     }
   }
-  if (p.shared) {
+  if (c.shared) {
     // The GEMM gave <h_i, W[n_j]>; the bias is added here rather than in a pass of its own.
-    for (int64_t j = 1 + lane; j < cols; j += kWarpSize) {
-      const int64_t c = p.negatives[j - 1];
-      const acc_t b = (p.bias != nullptr && p.valid(c)) ? static_cast<acc_t>(p.bias[c]) : 0;
-      s[j] = shared_scores[i * p.k + j - 1] + b;
+    for (int64_t j = lane; j < c.k; j += kWarpSize) {
+      const int64_t cls = c.negatives[j];
+      const acc_t b = (p.bias != nullptr && p.valid(cls)) ? static_cast<acc_t>(p.bias[cls]) : 0;
+      s[c.num_positives + j] = shared_scores[i * c.k + j] + b;
     }
   }
   __syncwarp();
@@ -117,23 +122,32 @@ __global__ void __launch_bounds__(kWarpsPerBlock* kWarpSize, 4)
   // Logits, loss and dloss/dscore: lane l takes columns l, l + 32, ... (the CPU's
   // block_loss_and_grad, nce_cpu.cpp, is the same nce_math.h terms, 16 examples at a time).
   const auto dropped = [&](int64_t j) {
-    return j > 0 && opt.remove_accidental_hits && p.column_class(i, j) == t;
+    return c.dropped(i, j, c.class_of(i, j), opt.remove_accidental_hits);
   };
+  // log q of a positive or sampled negative (a hard negative was not drawn from q: 0).
   const auto log_q = [&](int64_t j) {
-    if (noise_probs == nullptr) return acc_t(0);
-    const int64_t c = p.column_class(i, j);
-    return (c >= 0 && c < p.num_classes) ? log_noise_prob<acc_t>(noise_probs[c]) : acc_t(0);
+    if (noise_probs == nullptr || !(c.positive(j) || c.sampled(j))) return acc_t(0);
+    const int64_t cls = c.class_of(i, j);
+    return (cls >= 0 && cls < p.num_classes) ? log_noise_prob<acc_t>(noise_probs[cls]) : acc_t(0);
   };
+  const bool softmax = opt.objective == kSampledSoftmax;
+  // A kept positive's label: 1 / |P| for the softmax, the positive term's weight otherwise.
+  const acc_t positive_label =
+      softmax ? acc_t(1) / static_cast<acc_t>(num_valid) : static_cast<acc_t>(opt.positive_weight);
+  const auto label = [&](int64_t j) { return c.positive(j) ? positive_label : acc_t(0); };
   acc_t example_loss;
-  if (opt.objective == kSampledSoftmax) {
+  if (softmax) {
     acc_t max_logit = -std::numeric_limits<acc_t>::infinity();
+    acc_t positive_logits = 0;
     for (int64_t j = lane; j < cols; j += kWarpSize) {
+      if (dropped(j)) continue;
       s[j] -= log_q(j);
-      if (!dropped(j) && s[j] > max_logit) max_logit = s[j];
+      if (s[j] > max_logit) max_logit = s[j];
+      positive_logits += label(j) * s[j];
     }
     max_logit = warp_max(max_logit);
+    positive_logits = warp_sum(positive_logits);
     __syncwarp();
-    const acc_t target_logit = s[0];
     acc_t sum = 0;
     for (int64_t j = lane; j < cols; j += kWarpSize) {
       if (!dropped(j)) sum += std::exp(s[j] - max_logit);
@@ -141,11 +155,11 @@ __global__ void __launch_bounds__(kWarpsPerBlock* kWarpSize, 4)
     const acc_t lse = max_logit + std::log(warp_sum(sum));
     __syncwarp();
     for (int64_t j = lane; j < cols; j += kWarpSize) {
-      s[j] = dropped(j) ? acc_t(0) : softmax_grad(j == 0, std::exp(s[j] - lse));
+      s[j] = dropped(j) ? acc_t(0) : softmax_grad(label(j), std::exp(s[j] - lse));
     }
-    example_loss = lse - target_logit;
+    example_loss = lse - positive_logits;
   } else {
-    const acc_t shift = binary_shift(opt.objective, log_z[0], p.k);
+    const acc_t shift = binary_shift(opt.objective, log_z[0], c.k);
     acc_t partial = 0;
     for (int64_t j = lane; j < cols; j += kWarpSize) {
       if (dropped(j)) {
@@ -153,9 +167,11 @@ __global__ void __launch_bounds__(kWarpsPerBlock* kWarpSize, 4)
         continue;
       }
       const acc_t logit = binary_logit(opt.objective, s[j], log_q(j), shift);
-      const Term<acc_t> term = binary_term(j == 0, logit);
-      partial += term.loss;
-      s[j] = term.grad;
+      const bool positive = c.positive(j);
+      const Term<acc_t> term = binary_term(positive, logit);
+      const acc_t weight = positive ? positive_label : acc_t(1);
+      partial += weight * term.loss;
+      s[j] = weight * term.grad;
     }
     example_loss = warp_sum(partial);
   }
@@ -198,11 +214,17 @@ __device__ __forceinline__ void atomic_max_magnitude(float* address, float value
   atomicMax(reinterpret_cast<int*>(address), __float_as_int(value));
 }
 
-// float16 only (its range is narrow): the largest |grad_loss[i] * coef[i, 1 + j]| of every row and
-// column of the negatives' coefficients. Block = 32 columns x kTileRows rows; a warp takes rows
-// warp, warp + 8, ...
+// The negatives' coefficients are columns first .. first + k - 1 of coef [N, cols].
+struct NegativeColumns {
+  int64_t cols, first;
+};
+
+// float16 only (its range is narrow): the largest |grad_loss[i] * coef[i, first + j]| of every
+// row and column of the negatives' coefficients. Block = 32 columns x kTileRows rows; a warp takes
+// rows warp, warp + 8, ...
 __global__ void coef_scales_kernel(const float* __restrict__ coef,
-                                   const float* __restrict__ grad_loss, int64_t n, int64_t k, float* __restrict__ row_max,
+                                   const float* __restrict__ grad_loss, int64_t n, int64_t k,
+                                   NegativeColumns layout, float* __restrict__ row_max,
                                    float* __restrict__ col_max) {
   __shared__ float block_col_max[kWarpsPerBlock][kWarpSize];
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
@@ -211,7 +233,7 @@ __global__ void coef_scales_kernel(const float* __restrict__ coef,
   float my_col_max = 0;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kTileRows + warp; i < i_end;
        i += kWarpsPerBlock) {
-    const float v = j < k ? fabsf(grad_loss[i] * coef[i * (1 + k) + 1 + j]) : 0.f;
+    const float v = j < k ? fabsf(grad_loss[i] * coef[i * layout.cols + layout.first + j]) : 0.f;
     my_col_max = fmaxf(my_col_max, v);
     const float tile_row_max = warp_max(v);
     if (lane == 0) atomic_max_magnitude(row_max + i, tile_row_max);
@@ -227,12 +249,12 @@ __global__ void coef_scales_kernel(const float* __restrict__ coef,
 }
 
 // The GEMM operands, in one pass over the coefficients: c_rows[i, j] = grad_loss[i] * coef[i,
-// 1 + j] / row_scale[i] and c_cols[i, j] = the same / col_scale[j], in the GEMM dtype. Without
+// first + j] / row_scale[i] and c_cols[i, j] = the same / col_scale[j], in the GEMM dtype. Without
 // scales (null) the value is only cast, and c_cols may be null (then it equals c_rows).
 template <typename acc_t, typename gemm_t>
 __global__ void gemm_operands_kernel(const acc_t* __restrict__ coef,
                                      const acc_t* __restrict__ grad_loss, int64_t n, int64_t k,
-                                     const float* __restrict__ row_scale,
+                                     NegativeColumns layout, const float* __restrict__ row_scale,
                                      const float* __restrict__ col_scale,
                                      gemm_t* __restrict__ c_rows, gemm_t* __restrict__ c_cols) {
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
@@ -242,7 +264,7 @@ __global__ void gemm_operands_kernel(const acc_t* __restrict__ coef,
   const float inv_col = col_scale != nullptr ? 1.f / col_scale[j] : 1.f;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kTileRows + warp; i < i_end;
        i += kWarpsPerBlock) {
-    const acc_t v = grad_loss[i] * coef[i * (1 + k) + 1 + j];
+    const acc_t v = grad_loss[i] * coef[i * layout.cols + layout.first + j];
     if (row_scale == nullptr) {
       c_rows[i * k + j] = static_cast<gemm_t>(v);
     } else {
@@ -265,9 +287,10 @@ struct SharedGrads {
 
 SharedGrads shared_negative_grads(const at::Tensor& coef, const at::Tensor& grad_loss,
                                   const at::Tensor& h, const at::Tensor& w, const at::Tensor& neg,
-                                  bool weight_grads) {
+                                  int64_t first, bool weight_grads) {
   SharedGrads g;
   const int64_t n = h.size(0), k = neg.size(0);
+  const NegativeColumns layout{coef.size(1), first};
   const auto acc_dtype = coef.scalar_type();
   const auto gemm_dtype = h.scalar_type();
   const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -281,7 +304,7 @@ SharedGrads shared_negative_grads(const at::Tensor& coef, const at::Tensor& grad
     g.row_scale = at::zeros({n}, f32);
     g.col_scale = at::zeros({k}, f32);
     coef_scales_kernel<<<grid, block, 0, stream>>>(
-        coef.const_data_ptr<float>(), grad_loss.const_data_ptr<float>(), n, k,
+        coef.const_data_ptr<float>(), grad_loss.const_data_ptr<float>(), n, k, layout,
         g.row_scale.mutable_data_ptr<float>(), g.col_scale.mutable_data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     // An all-zero row or column divides by the smallest normal float instead of by zero.
@@ -293,7 +316,7 @@ SharedGrads shared_negative_grads(const at::Tensor& coef, const at::Tensor& grad
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gemm_dtype, "gemm_operands", [&] {
       using acc_t = acc_type<scalar_t>;
       gemm_operands_kernel<acc_t, scalar_t><<<grid, block, 0, stream>>>(
-          coef.const_data_ptr<acc_t>(), grad_loss.const_data_ptr<acc_t>(), n, k,
+          coef.const_data_ptr<acc_t>(), grad_loss.const_data_ptr<acc_t>(), n, k, layout,
           scaled ? g.row_scale.const_data_ptr<float>() : nullptr,
           scaled ? g.col_scale.const_data_ptr<float>() : nullptr,
           c_rows.mutable_data_ptr<scalar_t>(),
@@ -307,7 +330,7 @@ SharedGrads shared_negative_grads(const at::Tensor& coef, const at::Tensor& grad
     g.rows = matmul_acc((scaled ? c_cols : c_rows).t(), h).contiguous();
     // A float32 GEMV over the unscaled coefficients: deterministic, and exact in float32.
     const at::NoTF32Guard no_tf32;
-    g.bias = at::mv(coef.narrow(1, 1, k).t(), grad_loss).contiguous();
+    g.bias = at::mv(coef.narrow(1, first, k).t(), grad_loss).contiguous();
   }
   return g;
 }
@@ -322,19 +345,21 @@ void check_device(const at::Tensor& hidden, const at::Tensor& t, const char* nam
 std::tuple<at::Tensor, at::Tensor> sampled_loss_forward_cuda(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& target, const at::Tensor& negatives,
-    const std::optional<at::Tensor>& noise_probs, const at::Tensor& log_z, int64_t objective,
+    const std::optional<at::Tensor>& hard_negatives, const std::optional<at::Tensor>& noise_probs,
+    const at::Tensor& log_z, int64_t objective, double positive_weight,
     bool remove_accidental_hits, int64_t ignore_index) {
   // The GEMMs below are part of the kernel: an enclosing autocast region must not recast them.
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  check_shapes(hidden, weight, bias, target, negatives);
+  check_shapes(hidden, weight, bias, target, negatives, hard_negatives);
   check_loss_args(weight, noise_probs, log_z, objective);
   for (const auto* t : {&weight, &target, &negatives}) check_device(hidden, *t, "an input");
   if (bias.has_value()) check_device(hidden, *bias, "bias");
+  if (hard_negatives.has_value()) check_device(hidden, *hard_negatives, "hard_negatives");
   const c10::cuda::CUDAGuard guard(hidden.device());
   const bool uses_noise = objective != kNegativeSampling;
 
   const ForwardInputs in = prepare_forward(hidden, weight, bias, target, negatives, noise_probs,
-                                           uses_noise);
+                                           uses_noise, hard_negatives);
   const at::Tensor &h = in.h, &w = in.w, &b = in.b, &tgt = in.tgt, &neg = in.neg, &q = in.q;
   const at::ScalarType acc_dtype = in.acc_dtype;
   const at::Tensor &loss = in.values, &coef = in.coef;
@@ -349,14 +374,15 @@ std::tuple<at::Tensor, at::Tensor> sampled_loss_forward_cuda(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(),
                                   "sampled_loss_forward_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
-    const auto problem = make_problem<scalar_t>(h, w, b, tgt, neg, ignore_index);
+    const auto problem = make_problem<scalar_t>(h, w, b, tgt, neg, in.hard, ignore_index);
     with_vector_width<scalar_t>(problem_vector_width<scalar_t>(h, w), [&](auto vec) {
       forward_kernel<scalar_t, decltype(vec)::value>
           <<<warp_grid(n), kWarpsPerBlock * kWarpSize, 0, stream>>>(
               problem, uses_noise ? q.const_data_ptr<float>() : nullptr,
               lz.const_data_ptr<acc_t>(),
               shared_scores.defined() ? shared_scores.const_data_ptr<acc_t>() : nullptr,
-              LossOptions{objective, remove_accidental_hits}, loss.mutable_data_ptr<acc_t>(),
+              LossOptions{objective, positive_weight, remove_accidental_hits},
+              loss.mutable_data_ptr<acc_t>(),
               coef.mutable_data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -380,10 +406,9 @@ __global__ void __launch_bounds__(kWarpsPerBlock* kWarpSize)
   const int64_t i = global_warp();
   if (i >= p.n) return;
   const int lane = threadIdx.x % kWarpSize;
-  const int64_t cols = p.columns();
   const bool ignored = p.ignored(i);
   const acc_t g = grad_loss[i];
-  const int64_t gathered = ignored ? 0 : (p.shared ? 1 : cols);
+  const int64_t gathered = ignored ? 0 : p.cols.per_example();
   const acc_t shared_factor = row_scale != nullptr ? static_cast<acc_t>(row_scale[i]) : acc_t(1);
   const auto terms = [&](const auto& add) {
     if (from_shared != nullptr) add(shared_factor, from_shared + i * p.dim, p.dim % VEC == 0);
@@ -413,19 +438,23 @@ bool stream_is_capturing(cudaStream_t stream) {
 Gradients backward_cuda(const at::Tensor& grad_loss, const at::Tensor& coef,
                         const at::Tensor& hidden, const at::Tensor& weight, bool has_bias,
                         const at::Tensor& target, const at::Tensor& negatives,
-                        int64_t ignore_index, WeightGrad mode) {
+                        const std::optional<at::Tensor>& hard_negatives, int64_t ignore_index,
+                        WeightGrad mode) {
   // The GEMMs below are part of the kernel: an enclosing autocast region must not recast them.
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  check_shapes(hidden, weight, std::nullopt, target, negatives);
+  check_shapes(hidden, weight, std::nullopt, target, negatives, hard_negatives);
   for (const auto* t : {&weight, &target, &negatives, &grad_loss, &coef}) {
     check_device(hidden, *t, "an input");
   }
+  if (hard_negatives.has_value()) check_device(hidden, *hard_negatives, "hard_negatives");
   const int64_t n = hidden.size(0), dim = hidden.size(1), k = negatives.size(-1);
   const int64_t num_classes = weight.size(0);
+  const int64_t positives = num_positives(target), hard_count = num_hard(hard_negatives);
+  const int64_t cols = positives + k + hard_count;
   TORCH_CHECK_VALUE((grad_loss.dim() == 1 && grad_loss.size(0) == n) || grad_loss.dim() == 0,
                     "grad_loss must be [N] or a scalar (the same for every example)");
-  TORCH_CHECK_VALUE(coef.dim() == 2 && coef.size(0) == n && coef.size(1) == 1 + k,
-                    "coef must be [N, 1 + k]");
+  TORCH_CHECK_VALUE(coef.dim() == 2 && coef.size(0) == n && coef.size(1) == cols,
+                    "coef must be [N, T + k + h]");
   const c10::cuda::CUDAGuard guard(hidden.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   TORCH_CHECK(mode != WeightGrad::kRows || !stream_is_capturing(stream),
@@ -437,7 +466,8 @@ Gradients backward_cuda(const at::Tensor& grad_loss, const at::Tensor& coef,
   const auto w = rows_of(weight);
   const auto tgt = target.contiguous();
   const auto neg = negatives.contiguous();
-  // The kernels scale coef[i, :] by grad_loss[i] as they read it: no [N, 1 + k] temporary.
+  const auto hard = hard_negatives.has_value() ? hard_negatives->contiguous() : at::Tensor();
+  // The kernels scale coef[i, :] by grad_loss[i] as they read it: no [N, T + k + h] temporary.
   const auto cf = coef.to(acc_dtype).contiguous();
   const auto gl = grad_loss.to(acc_dtype).expand({n}).contiguous();
   const bool shared = neg.dim() == 1;
@@ -445,7 +475,8 @@ Gradients backward_cuda(const at::Tensor& grad_loss, const at::Tensor& coef,
                       !at::globalContext().deterministicAlgorithms() &&
                       (h.scalar_type() == at::kFloat || h.scalar_type() == at::kDouble);
   if (mode != WeightGrad::kNone && !atomic) {
-    check_sorted_limits(num_classes, shared ? n + k : n * (1 + k));
+    const int64_t own = shared ? positives + hard_count : cols;
+    check_sorted_limits(num_classes, n * own + (shared ? k : 0));
   }
 
   Gradients g;
@@ -466,13 +497,13 @@ Gradients backward_cuda(const at::Tensor& grad_loss, const at::Tensor& coef,
 
   // Shared negatives: dL/dH = C_neg W_n and dL/dW_n = C_neg^T H are two GEMMs.
   SharedGrads sg;
-  if (shared) sg = shared_negative_grads(cf, gl, h, w, neg, mode != WeightGrad::kNone);
+  if (shared) sg = shared_negative_grads(cf, gl, h, w, neg, positives, mode != WeightGrad::kNone);
 
   if (n > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(),
                                     "sampled_loss_backward_cuda", [&] {
       using acc_t = acc_type<scalar_t>;
-      const auto problem = make_problem<scalar_t>(h, w, at::Tensor(), tgt, neg, ignore_index);
+      const auto problem = make_problem<scalar_t>(h, w, at::Tensor(), tgt, neg, hard, ignore_index);
       // grad_hidden rows are written with the same vectors: D must allow them too.
       with_vector_width<scalar_t>(problem_vector_width<scalar_t>(h, w, dim), [&](auto vec) {
         grad_hidden_kernel<scalar_t, decltype(vec)::value>
@@ -487,8 +518,8 @@ Gradients backward_cuda(const at::Tensor& grad_loss, const at::Tensor& coef,
   }
   if (mode == WeightGrad::kNone) return g;
 
-  const ScatterInputs in{h,       w,       tgt,          neg,         cf,       gl, sg.rows,
-                         sg.col_scale, sg.bias, ignore_index, has_bias};
+  const ScatterInputs in{h,  w,       tgt,          neg,         hard,    cf,
+                         gl, sg.rows, sg.col_scale, sg.bias, ignore_index, has_bias};
   if (atomic) {
     scatter_atomic(in, g.weight, g.bias);
   } else {
@@ -503,27 +534,31 @@ Gradients backward_cuda(const at::Tensor& grad_loss, const at::Tensor& coef,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sampled_loss_backward_cuda(
     const at::Tensor& grad_loss, const at::Tensor& coef, const at::Tensor& hidden,
     const at::Tensor& weight, bool has_bias, const at::Tensor& target,
-    const at::Tensor& negatives, int64_t ignore_index) {
+    const at::Tensor& negatives, const std::optional<at::Tensor>& hard_negatives,
+    int64_t ignore_index) {
   auto g = backward_cuda(grad_loss, coef, hidden, weight, has_bias, target, negatives,
-                         ignore_index, WeightGrad::kDense);
+                         hard_negatives, ignore_index, WeightGrad::kDense);
   return {g.hidden, g.weight, g.bias};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sampled_loss_backward_rows_cuda(
     const at::Tensor& grad_loss, const at::Tensor& coef, const at::Tensor& hidden,
     const at::Tensor& weight, bool has_bias, const at::Tensor& target,
-    const at::Tensor& negatives, int64_t ignore_index) {
+    const at::Tensor& negatives, const std::optional<at::Tensor>& hard_negatives,
+    int64_t ignore_index) {
   auto g = backward_cuda(grad_loss, coef, hidden, weight, has_bias, target, negatives,
-                         ignore_index, WeightGrad::kRows);
+                         hard_negatives, ignore_index, WeightGrad::kRows);
   return {g.hidden, g.rows, g.weight, g.bias};
 }
 
 at::Tensor sampled_loss_backward_hidden_cuda(const at::Tensor& grad_loss, const at::Tensor& coef,
                                              const at::Tensor& hidden, const at::Tensor& weight,
                                              const at::Tensor& target,
-                                             const at::Tensor& negatives, int64_t ignore_index) {
-  return backward_cuda(grad_loss, coef, hidden, weight, false, target, negatives, ignore_index,
-                       WeightGrad::kNone)
+                                             const at::Tensor& negatives,
+                                             const std::optional<at::Tensor>& hard_negatives,
+                                             int64_t ignore_index) {
+  return backward_cuda(grad_loss, coef, hidden, weight, false, target, negatives, hard_negatives,
+                       ignore_index, WeightGrad::kNone)
       .hidden;
 }
 

@@ -12,26 +12,23 @@
 namespace fused_nce {
 namespace cuda {
 
-// Everything a kernel needs to know about one call. `negatives` is [N, k] or, when shared, [k].
-// Rows of hidden and weight have unit stride along D and any row stride (a sliced weight is read
-// in place, never copied).
+// Everything a kernel needs to know about one call: its columns (../columns.h: T positives, k
+// sampled negatives, [N, k] or shared [k], and h hard negatives). Rows of hidden and weight have
+// unit stride along D and any row stride (a sliced weight is read in place, never copied).
 template <typename scalar_t>
 struct Problem {
   const scalar_t* hidden;
   const scalar_t* weight;
   const scalar_t* bias;  // null without bias
-  const int64_t* target;
-  const int64_t* negatives;
-  int64_t n, dim, k, num_classes, ignore_index, hidden_stride, weight_stride;
-  bool shared;
+  Columns cols;
+  int64_t n, dim, num_classes, hidden_stride, weight_stride;
 
-  __device__ __forceinline__ int64_t columns() const { return 1 + k; }
-  // Class of column j of example i: 0 is the target, 1..k the negatives.
+  __device__ __forceinline__ int64_t columns() const { return cols.count(); }
   __device__ __forceinline__ int64_t column_class(int64_t i, int64_t j) const {
-    if (j == 0) return target[i];
-    return shared ? negatives[j - 1] : negatives[i * k + j - 1];
+    return cols.class_of(i, j);
   }
-  __device__ __forceinline__ bool ignored(int64_t i) const { return target[i] == ignore_index; }
+  // An example with no valid positive: loss 0, no gradient.
+  __device__ __forceinline__ bool ignored(int64_t i) const { return cols.valid_positives(i) == 0; }
   // A class index out of range is reported and then never used as an address.
   __device__ __forceinline__ bool valid(int64_t c) const {
     const bool ok = c >= 0 && c < num_classes;
@@ -46,43 +43,43 @@ struct Problem {
   }
 };
 
+// `hard` may be undefined (no hard negatives).
 template <typename scalar_t>
 Problem<scalar_t> make_problem(const at::Tensor& h, const at::Tensor& w, const at::Tensor& b,
                                const at::Tensor& tgt, const at::Tensor& neg,
-                               int64_t ignore_index) {
+                               const at::Tensor& hard, int64_t ignore_index) {
   return Problem<scalar_t>{h.const_data_ptr<scalar_t>(),
                            w.const_data_ptr<scalar_t>(),
                            b.defined() ? b.const_data_ptr<scalar_t>() : nullptr,
-                           tgt.const_data_ptr<int64_t>(),
-                           neg.const_data_ptr<int64_t>(),
+                           make_columns(tgt, neg, hard, ignore_index),
                            h.size(0),
                            h.size(1),
-                           neg.size(-1),
                            w.size(0),
-                           ignore_index,
                            h.stride(0),
-                           w.stride(0),
-                           neg.dim() == 1};
+                           w.stride(0)};
 }
 
-// Calls visit(c, row) for each of columns 0 .. columns - 1 of example i whose coefficient
-// c = g * coef[i, j] is non-zero and whose class is valid, on every lane in the same order: lanes
-// load 32 (coefficient, class) pairs at a time and pass them round by shuffles, so each is read
-// once. All 32 lanes must call it.
+// Calls visit(c, row) for each of the first `count` columns example i gathers itself
+// (Columns::own_column: all but shared negatives) whose coefficient c = g * coef[i, j] is
+// non-zero and whose class is valid (not padding), on every lane in the same order: lanes load
+// 32 (coefficient, class) pairs at a time and pass them round by shuffles, so each is read once.
+// All 32 lanes must call it.
 template <typename scalar_t, typename acc_t, typename Visit>
 __device__ __forceinline__ void for_each_column(const Problem<scalar_t>& p, int64_t i,
-                                                int64_t columns, acc_t g,
+                                                int64_t count, acc_t g,
                                                 const acc_t* __restrict__ coef, int lane,
                                                 const Visit& visit) {
   const int64_t stride = p.columns();
+  const int64_t columns = count;
   for (int64_t j0 = 0; j0 < columns; j0 += kWarpSize) {
-    const int64_t j = j0 + lane;
+    const int64_t m = j0 + lane;
     acc_t my_c = 0;
     int64_t my_row = 0;
-    if (j < columns) {
+    if (m < columns) {
+      const int64_t j = p.cols.own_column(m);
       const int64_t c = p.column_class(i, j);
       my_c = g * coef[i * stride + j];
-      if (my_c != 0 && p.valid(c)) {
+      if (my_c != 0 && !p.cols.padding(j, c) && p.valid(c)) {
         my_row = c;
       } else {
         my_c = 0;
@@ -168,11 +165,12 @@ __device__ __forceinline__ void sum_row_terms(int64_t dim, int lane, const Terms
 // ---- The weight-gradient scatter (nce_scatter_cuda.cu) ----
 
 // Inputs of the scatter, as backward prepared them: hidden / weight with unit stride along D,
-// contiguous indices, coef [N, 1 + k] and grad_loss [N] in the accumulation dtype. With shared
-// negatives, `shared_rows` [k, D] (float32 / float64) holds each negative's gradient row up to the
-// factor `col_scale` [k] (undefined: 1) and `shared_bias` [k] its bias gradient.
+// contiguous indices, coef [N, T + k + h] and grad_loss [N] in the accumulation dtype (hard
+// undefined without hard negatives). With shared negatives, `shared_rows` [k, D] (float32 /
+// float64) holds each negative's gradient row up to the factor `col_scale` [k] (undefined: 1) and
+// `shared_bias` [k] its bias gradient.
 struct ScatterInputs {
-  at::Tensor hidden, weight, target, negatives, coef, grad_loss;
+  at::Tensor hidden, weight, target, negatives, hard, coef, grad_loss;
   at::Tensor shared_rows, col_scale, shared_bias;
   int64_t ignore_index;
   bool has_bias;
@@ -183,7 +181,7 @@ struct ScatterInputs {
 inline void check_sorted_limits(int64_t num_classes, int64_t num_entries) {
   TORCH_CHECK_VALUE(num_classes < std::numeric_limits<int32_t>::max() &&
                         num_entries < std::numeric_limits<int32_t>::max() / 2,
-                    "at most 2^31 - 2 classes and 2^30 entries (N * (1 + k)) are supported on "
+                    "at most 2^31 - 2 classes and 2^30 entries (N * (T + k + h)) are supported on "
                     "CUDA with float16 / bfloat16, shared negatives, deterministic algorithms or "
                     "sparse_grad; got V = ", num_classes, " and ", num_entries, " entries");
 }

@@ -41,7 +41,7 @@ __device__ __forceinline__ void atomic_add_vec(T* p, const T (&x)[VEC]) {
 }
 
 // One warp per example: grad_weight[c_j] += grad_loss[i] coef[i, j] h_i. The lane's share of h_i
-// stays in registers while the example's 1 + k rows are visited (for_each_column).
+// stays in registers while the example's T + k + h rows are visited (for_each_column).
 template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(kWarpsPerBlock* kWarpSize)
     scatter_atomic_kernel(const Problem<scalar_t> p, const scalar_t* __restrict__ coef,
@@ -87,14 +87,14 @@ __global__ void __launch_bounds__(kWarpsPerBlock* kWarpSize)
   for (int64_t j = lane; j < cols; j += kWarpSize) {
     const int64_t row = p.column_class(i, j);
     const scalar_t c = g * coef[i * cols + j];
-    if (c != 0 && p.valid(row)) atomicAdd(grad_bias + row, c);
+    if (c != 0 && !p.cols.padding(j, row) && p.valid(row)) atomicAdd(grad_bias + row, c);
   }
 }
 
-// Entries are (example, column) pairs, e = i * (1 + k) + j; with shared negatives e < N are the
-// targets and N + j the shared negative j (its gradient row comes from a GEMM). Key = the row an
-// entry adds to, or V for entries that add nothing (ignored examples, zero coefficients, bad
-// indices).
+// Entries are (example, column) pairs, e = i * own + m for the m-th column example i gathers
+// itself (Columns::own_column; own = Columns::per_example()); with shared negatives N * own + j is
+// the shared negative j (its gradient row comes from a GEMM). Key = the row an entry adds to, or
+// V for entries that add nothing (ignored examples, padding, zero coefficients, bad indices).
 template <typename scalar_t>
 __global__ void entry_keys_kernel(const Problem<scalar_t> p,
                                   const acc_type<scalar_t>* __restrict__ coef,
@@ -104,12 +104,14 @@ __global__ void entry_keys_kernel(const Problem<scalar_t> p,
   const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (e >= num_entries) return;
   int64_t row;
-  if (p.shared && e >= p.n) {
-    row = p.negatives[e - p.n];
+  const int64_t own = p.cols.per_example();
+  if (e >= p.n * own) {
+    row = p.cols.negatives[e - p.n * own];
   } else {
-    const int64_t i = p.shared ? e : e / p.columns(), j = p.shared ? 0 : e % p.columns();
+    const int64_t i = e / own, j = p.cols.own_column(e % own);
     const bool zero = grad_loss[i] * coef[i * p.columns() + j] == 0;
-    row = (p.ignored(i) || zero) ? p.num_classes : p.column_class(i, j);
+    const int64_t cls = p.column_class(i, j);
+    row = (zero || p.cols.padding(j, cls) || p.ignored(i)) ? p.num_classes : cls;
   }
   if (row != p.num_classes && !p.valid(row)) row = p.num_classes;
   keys[e] = static_cast<int32_t>(row);
@@ -194,19 +196,19 @@ __global__ void __launch_bounds__(kWarpsPerBlock* kWarpSize)
   const int32_t length = runs.lengths[run];
   const int32_t* entries = runs.sorted_entries + runs.starts[run] + m * kChunk;
   const int32_t count = min(kChunk, length - m * kChunk);
-  const int64_t cols = p.columns(), dim = p.dim;
+  const int64_t cols = p.columns(), dim = p.dim, own = p.cols.per_example();
 
   // An entry as (kind, index, coefficient): a hidden row i times c, or shared row j times its
   // column scale.
   const auto entry = [&](int32_t e, int64_t& index, bool& from_shared, acc_t& c, acc_t& bias) {
-    from_shared = p.shared && e >= p.n;
+    from_shared = e >= p.n * own;
     if (from_shared) {
-      index = e - p.n;
+      index = e - p.n * own;
       c = shared.col_scale != nullptr ? static_cast<acc_t>(shared.col_scale[index]) : acc_t(1);
       bias = shared.bias[index];
     } else {
-      index = p.shared ? e : e / cols;
-      c = grad_loss[index] * coef[p.shared ? e * cols : e];
+      index = e / own;
+      c = grad_loss[index] * coef[index * cols + p.cols.own_column(e % own)];
       bias = c;
     }
   };
@@ -326,7 +328,7 @@ void scatter_atomic(const ScatterInputs& in, at::Tensor& grad_weight, at::Tensor
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(in.hidden.scalar_type(), "scatter_atomic", [&] {
     const auto problem = make_problem<scalar_t>(in.hidden, in.weight, at::Tensor(), in.target,
-                                                in.negatives, in.ignore_index);
+                                                in.negatives, in.hard, in.ignore_index);
     const int width = vector_width<scalar_t>(
         {in.hidden.const_data_ptr(), grad_weight.const_data_ptr()}, {in.hidden.stride(0), dim});
     with_vector_width<scalar_t>(width, [&](auto vec) {
@@ -348,7 +350,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scatter_sorted(const ScatterInput
   const int64_t n = h.size(0), dim = h.size(1), k = in.negatives.size(-1);
   const int64_t num_classes = in.weight.size(0);
   const bool shared = in.negatives.dim() == 1;
-  const int64_t num_entries = shared ? n + k : n * (1 + k);
+  const int64_t own = in.coef.size(1) - (shared ? k : 0);
+  const int64_t num_entries = n * own + (shared ? k : 0);
   check_sorted_limits(num_classes, num_entries);
   const auto index_opts = in.target.options();
   if (num_entries == 0) {
@@ -382,7 +385,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scatter_sorted(const ScatterInput
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "scatter_sorted", [&] {
     using acc_t = acc_type<scalar_t>;
     const auto problem = make_problem<scalar_t>(h, in.weight, at::Tensor(), in.target,
-                                                in.negatives, in.ignore_index);
+                                                in.negatives, in.hard, in.ignore_index);
     entry_keys_kernel<scalar_t><<<blocks_for(num_entries), kThreads, 0, stream>>>(
         problem, in.coef.const_data_ptr<acc_t>(), in.grad_loss.const_data_ptr<acc_t>(),
         num_entries, keys.mutable_data_ptr<int32_t>(), entries.mutable_data_ptr<int32_t>());
@@ -444,7 +447,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scatter_sorted(const ScatterInput
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "scatter_sorted", [&] {
     using acc_t = acc_type<scalar_t>;
     const auto problem = make_problem<scalar_t>(h, in.weight, at::Tensor(), in.target,
-                                                in.negatives, in.ignore_index);
+                                                in.negatives, in.hard, in.ignore_index);
     const SharedRows<acc_t> shared_rows{
         shared ? in.shared_rows.const_data_ptr<acc_t>() : nullptr,
         in.col_scale.defined() ? in.col_scale.const_data_ptr<float>() : nullptr,
