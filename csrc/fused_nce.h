@@ -119,12 +119,14 @@ int64_t in_batch_block_size(int64_t rows, int64_t columns, int64_t requested);
 std::tuple<at::Tensor, at::Tensor> shard_loss_forward_cpu(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& target, const at::Tensor& negatives,
-    const std::optional<at::Tensor>& noise_probs, const at::Tensor& log_z, int64_t objective,
+    const std::optional<at::Tensor>& hard_negatives, const std::optional<at::Tensor>& noise_probs,
+    const at::Tensor& log_z, int64_t objective, double positive_weight,
     bool remove_accidental_hits, int64_t ignore_index, int64_t row_start, int64_t num_classes);
 std::tuple<at::Tensor, at::Tensor> shard_loss_forward_cuda(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& target, const at::Tensor& negatives,
-    const std::optional<at::Tensor>& noise_probs, const at::Tensor& log_z, int64_t objective,
+    const std::optional<at::Tensor>& hard_negatives, const std::optional<at::Tensor>& noise_probs,
+    const at::Tensor& log_z, int64_t objective, double positive_weight,
     bool remove_accidental_hits, int64_t ignore_index, int64_t row_start, int64_t num_classes);
 
 // Fused row optimizers (csrc/cpu/optim_cpu.cpp, csrc/cuda/optim_cuda.cu): update param [V, ...] and

@@ -39,22 +39,23 @@ TORCH_LIBRARY(fused_nce, m) {
       "Tensor target, Tensor negatives, Tensor? hard_negatives, int ignore_index) -> Tensor");
   // Vocab-parallel: `weight` (and `bias`) are rows [row_start, row_start + rows) of a
   // num_classes-row embedding; indices are global and checked against num_classes, and only the
-  // owned ones are read. NCE / negative sampling: (this shard's part of each example's loss [N],
-  // dloss/dscore [N, 1 + k], 0 where not owned). Sampled softmax: (each example's largest owned
-  // logit [N], the logQ-corrected logits [N, 1 + k], -inf where not owned or dropped), from which
-  // the caller forms the global log-sum-exp.
+  // owned ones are read. Columns as in sampled_loss_forward. NCE / negative sampling: (this
+  // shard's part of each example's loss [N], dloss/dscore [N, T + k + h], 0 where not owned).
+  // Sampled softmax: (each example's largest owned logit [N], the logQ-corrected logits
+  // [N, T + k + h], -inf where not owned or dropped), from which the caller forms the global
+  // log-sum-exp.
   m.def(
       "shard_loss_forward(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, "
-      "Tensor negatives, Tensor? noise_probs, Tensor log_z, int objective, "
-      "bool remove_accidental_hits, int ignore_index, int row_start, int num_classes) "
-      "-> (Tensor, Tensor)");
+      "Tensor negatives, Tensor? hard_negatives, Tensor? noise_probs, Tensor log_z, "
+      "int objective, float positive_weight, bool remove_accidental_hits, int ignore_index, "
+      "int row_start, int num_classes) -> (Tensor, Tensor)");
   // Backward of a shard from its coefficients (0 where not owned): (grad_hidden, this shard's part;
   // rows; grad_weight; grad_bias) with mode 0 = dense [rows, D] / [rows] gradients, 1 = touched
   // rows only (local indices, ascending), 2 = grad_hidden alone.
   m.def(
       "shard_loss_backward(Tensor grad_loss, Tensor coef, Tensor hidden, Tensor weight, "
-      "bool has_bias, Tensor target, Tensor negatives, int ignore_index, int row_start, "
-      "int num_classes, int mode) -> (Tensor, Tensor, Tensor, Tensor)");
+      "bool has_bias, Tensor target, Tensor negatives, Tensor? hard_negatives, int ignore_index, "
+      "int row_start, int num_classes, int mode) -> (Tensor, Tensor, Tensor, Tensor)");
   // Walker/Vose alias table from non-negative weights.
   m.def("alias_build(Tensor weights) -> Tensor");
   // O(1) draws from an alias table, randomness from the generator (default one when None).

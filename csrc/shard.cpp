@@ -18,14 +18,16 @@ enum ShardGradMode : int64_t { kDenseGrad = 0, kRowsGrad = 1, kHiddenGrad = 2 };
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> shard_loss_backward(
     const at::Tensor& grad_loss, const at::Tensor& coef, const at::Tensor& hidden,
     const at::Tensor& weight, bool has_bias, const at::Tensor& target,
-    const at::Tensor& negatives, int64_t ignore_index, int64_t row_start, int64_t num_classes,
-    int64_t mode) {
-  check_shapes(hidden, weight, std::nullopt, target, negatives);
+    const at::Tensor& negatives, const std::optional<at::Tensor>& hard_negatives,
+    int64_t ignore_index, int64_t row_start, int64_t num_classes, int64_t mode) {
+  check_shapes(hidden, weight, std::nullopt, target, negatives, hard_negatives);
   check_shard(weight, row_start, num_classes);
   TORCH_CHECK_VALUE(mode >= kDenseGrad && mode <= kHiddenGrad, "unknown mode ", mode);
   const int64_t rows = weight.size(0), dim = weight.size(1), k = negatives.size(-1);
-  TORCH_CHECK_VALUE(coef.dim() == 2 && coef.size(0) == hidden.size(0) && coef.size(1) == 1 + k,
-                    "coef must be [N, 1 + k]");
+  const int64_t positives = num_positives(target);
+  const int64_t cols = positives + k + num_hard(hard_negatives);
+  TORCH_CHECK_VALUE(coef.dim() == 2 && coef.size(0) == hidden.size(0) && coef.size(1) == cols,
+                    "coef must be [N, T + k + h]");
   const auto index_opts = target.options();
   if (rows == 0) {
     // A shard without rows holds no part of any score.
@@ -35,15 +37,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> shard_loss_backward(
   const auto local = [&](const at::Tensor& idx) {
     return (idx - row_start).clamp(0, rows - 1);
   };
-  // Ignored examples have all-zero coefficients: after the remap no local index can be -1, so
-  // the kernels see no ignored example and skip those entries for their zero coefficient.
+  // Ignored examples and padding have zero coefficients: after the remap no local index can be
+  // -1, so the kernels see no padding and skip those entries for their zero coefficient.
   constexpr int64_t kNoIgnore = -1;
   const auto local_target = local(target);
+  std::optional<at::Tensor> local_hard;
+  if (hard_negatives.has_value()) local_hard = local(*hard_negatives);
   at::Tensor local_neg, local_coef = coef;
   if (negatives.dim() == 1) {
     const auto owned = ((negatives >= row_start) & (negatives < row_start + rows)).nonzero().view(-1);
     local_neg = negatives.index_select(0, owned) - row_start;
-    local_coef = at::cat({coef.narrow(1, 0, 1), coef.index_select(1, owned + 1)}, 1);
+    local_coef = at::cat({coef.narrow(1, 0, positives), coef.index_select(1, owned + positives),
+                          coef.narrow(1, positives + k, cols - positives - k)},
+                         1);
   } else {
     local_neg = local(negatives);
   }
@@ -64,16 +70,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> shard_loss_backward(
                         const std::optional<at::Tensor>&, int64_t)>();
   if (mode == kHiddenGrad) {
     auto gh = backward_hidden.call(grad_loss, local_coef, hidden, weight, local_target, local_neg,
-                                   std::nullopt, kNoIgnore);
+                                   local_hard, kNoIgnore);
     return {gh, at::empty({0}, index_opts), at::empty({0, dim}, weight.options()),
             at::empty({0}, weight.options())};
   }
   if (mode == kRowsGrad) {
     return backward_rows.call(grad_loss, local_coef, hidden, weight, has_bias, local_target,
-                              local_neg, std::nullopt, kNoIgnore);
+                              local_neg, local_hard, kNoIgnore);
   }
   auto [gh, gw, gb] = backward.call(grad_loss, local_coef, hidden, weight, has_bias, local_target,
-                                    local_neg, std::nullopt, kNoIgnore);
+                                    local_neg, local_hard, kNoIgnore);
   return {gh, at::empty({0}, index_opts), gw, gb};
 }
 

@@ -208,9 +208,57 @@ def check_compiled(rank: int) -> list:
     return failures
 
 
+def check_positives_and_hard(rank: int, num_classes: list) -> list:
+    """Several positives (padded), hard negatives, per-example weights and gBCE: the
+    vocab-parallel losses equal the single-process ones, every objective, shared or not."""
+    failures = []
+    funcs = dict(FUNCS, gbce=(fused_nce.gbce_loss, fd.gbce_loss))
+    for v in num_classes:
+        start, end = fd.shard_range(v)
+        for index, (objective, shared) in enumerate(itertools.product(funcs, (False, True))):
+            hidden, weight, bias, target, noise, upstream = make_inputs(v, torch.float64,
+                                                                        70 + index, ignore=True)
+            g = torch.Generator().manual_seed(index)
+            several = torch.randint(v, (N, 3), generator=g)
+            several[:, 0] = target
+            several[::3, 2] = IGNORE
+            hard = torch.randint(v, (N, 2), generator=g)
+            hard[::2, 1] = IGNORE
+            weights = torch.rand(N, generator=g, dtype=torch.float64)
+            negatives = torch.randint(v, (K,) if shared else (N, K), generator=g)
+            extra = dict(negatives=negatives, sample_weight=weights, ignore_index=IGNORE,
+                         sparse_grad=index % 2 == 1, remove_accidental_hits=True)
+            if objective != "nce":
+                extra["hard_negatives"] = hard
+            if objective == "gbce":
+                extra["t"] = 0.5
+            local_fn, dist_fn = funcs[objective]
+            results = []
+            for distributed in (False, True):
+                h = leaf(hidden)
+                w = leaf(weight[start:end] if distributed else weight)
+                b = leaf(bias[start:end] if distributed else bias)
+                kw = dict(extra, num_classes=v) if distributed else extra
+                loss = (dist_fn if distributed else local_fn)(h, w, b, several, noise, **kw)
+                loss.backward()
+                results.append((loss.detach(), h.grad, w.grad.to_dense(), b.grad.to_dense()))
+            (l0, h0, w0, b0), (l1, h1, w1, b1) = results
+            try:
+                tol = TOL[torch.float64]
+                torch.testing.assert_close(l1, l0, **tol)
+                torch.testing.assert_close(h1, h0, **tol)
+                torch.testing.assert_close(w1, w0[start:end], **tol)
+                torch.testing.assert_close(b1, b0[start:end], **tol)
+            except AssertionError as error:
+                failures.append(f"rank {rank} V={v} {objective} shared={shared}: "
+                                f"{str(error).splitlines()[:3]}")
+    return failures
+
+
 def check_all(rank: int, world_size: int, num_classes: list, bad_input: bool) -> list:
     """Everything one launch checks (process start-up costs more than all the cases)."""
     failures = check_grid(rank, num_classes) + check_full_softmax_and_sgd(rank)
+    failures += check_positives_and_hard(rank, num_classes)
     failures += check_dtensor(rank, world_size)
     failures += check_compiled(rank) if world_size == 2 else []
     return failures + (check_bad_input(rank) if bad_input else [])
@@ -340,38 +388,48 @@ def test_shard_ops_opcheck_and_sum_over_shards(device):
     q = noise / noise.sum()
     negs = torch.randint(v, (N, K), generator=torch.Generator().manual_seed(0)).to(device)
     log_z = torch.tensor(0.2, dtype=torch.float64, device=device)
-    loss, coef = ops.sampled_loss_forward(hidden, weight, bias, target, negs, None, q, log_z, 0,
-                                          1.0, True, IGNORE)
-    grad_loss = torch.rand(N, dtype=torch.float64).to(device)
-    gh, gw, gb = ops.sampled_loss_backward(grad_loss, coef, hidden, weight, True, target, negs,
-                                           None, IGNORE)
-    total, total_gh = torch.zeros_like(loss), torch.zeros_like(gh)
-    for start, end in shards:
-        args = (hidden, weight[start:end], bias[start:end], target, negs, q, log_z, 0, True,
-                IGNORE, start, v)
-        part, part_coef = ops.shard_loss_forward(*args)
-        total += part
-        for mode in (0, 1, 2):
-            bargs = (grad_loss, part_coef, hidden, weight[start:end], True, target, negs, IGNORE,
-                     start, v, mode)
-            part_gh, rows, part_gw, part_gb = ops.shard_loss_backward(*bargs)
-            if mode == 0:
-                total_gh += part_gh
-                torch.testing.assert_close(part_gw, gw[start:end])
-                torch.testing.assert_close(part_gb, gb[start:end])
-            if mode == 1:
-                torch.testing.assert_close(part_gw, gw[start:end][rows])
-            torch.library.opcheck(ops.shard_loss_backward, bargs)
-        torch.library.opcheck(ops.shard_loss_forward, args)
-    torch.testing.assert_close(total, loss)
-    torch.testing.assert_close(total_gh, gh)
+    # One positive (NCE), and several positives with hard negatives and a positive weight (negative
+    # sampling, as gBCE calls it); padding in both.
+    g = torch.Generator().manual_seed(1)
+    several = torch.randint(v, (N, 3), generator=g)
+    several[:, 0] = target.cpu()
+    several[1::4, 1:] = IGNORE
+    hard = torch.randint(v, (N, 2), generator=g)
+    hard[::3, 1] = IGNORE
+    for tgt, hard_negs, objective, positive_weight in [
+            (target, None, 0, 1.0), (several.to(device), hard.to(device), 1, 0.4)]:
+        loss, coef = ops.sampled_loss_forward(hidden, weight, bias, tgt, negs, hard_negs, q, log_z,
+                                              objective, positive_weight, True, IGNORE)
+        grad_loss = torch.rand(N, dtype=torch.float64).to(device)
+        gh, gw, gb = ops.sampled_loss_backward(grad_loss, coef, hidden, weight, True, tgt, negs,
+                                               hard_negs, IGNORE)
+        total, total_gh = torch.zeros_like(loss), torch.zeros_like(gh)
+        for start, end in shards:
+            args = (hidden, weight[start:end], bias[start:end], tgt, negs, hard_negs, q, log_z,
+                    objective, positive_weight, True, IGNORE, start, v)
+            part, part_coef = ops.shard_loss_forward(*args)
+            total += part
+            for mode in (0, 1, 2):
+                bargs = (grad_loss, part_coef, hidden, weight[start:end], True, tgt, negs,
+                         hard_negs, IGNORE, start, v, mode)
+                part_gh, rows, part_gw, part_gb = ops.shard_loss_backward(*bargs)
+                if mode == 0:
+                    total_gh += part_gh
+                    torch.testing.assert_close(part_gw, gw[start:end])
+                    torch.testing.assert_close(part_gb, gb[start:end])
+                if mode == 1:
+                    torch.testing.assert_close(part_gw, gw[start:end][rows])
+                torch.library.opcheck(ops.shard_loss_backward, bargs)
+            torch.library.opcheck(ops.shard_loss_forward, args)
+        torch.testing.assert_close(total, loss)
+        torch.testing.assert_close(total_gh, gh)
     if device.type != "cpu":
         return
     bad = negs.clone()
     bad[2, 1] = v
     with pytest.raises(ValueError, match="negatives"):
-        ops.shard_loss_forward(hidden, weight[:4], bias[:4], target, bad, q, log_z, 0, True,
-                               IGNORE, 0, v)
+        ops.shard_loss_forward(hidden, weight[:4], bias[:4], target, bad, None, q, log_z, 0, 1.0,
+                               True, IGNORE, 0, v)
     with pytest.raises(ValueError, match="do not fit"):
-        ops.shard_loss_forward(hidden, weight[:4], bias[:4], target, negs, q, log_z, 0, True,
-                               IGNORE, 8, v)
+        ops.shard_loss_forward(hidden, weight[:4], bias[:4], target, negs, None, q, log_z, 0, 1.0,
+                               True, IGNORE, 8, v)

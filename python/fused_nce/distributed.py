@@ -33,7 +33,7 @@ from .modules import NCELoss
 from .sampler import AliasSampler
 
 __all__ = ["shard_range", "nce_loss", "negative_sampling_loss", "sampled_softmax_loss",
-           "full_softmax_loss", "VocabParallelNCELoss"]
+           "gbce_loss", "full_softmax_loss", "VocabParallelNCELoss"]
 
 SOFTMAX = OBJECTIVES["sampled_softmax"]
 NCE = OBJECTIVES["nce"]
@@ -99,33 +99,34 @@ class _ShardedLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], log_z: Tensor,
-                target: Tensor, negatives: Tensor, noise_probs: Optional[Tensor], objective: int,
+                target: Tensor, negatives: Tensor, hard_negatives: Optional[Tensor],
+                noise_probs: Optional[Tensor], objective: int, positive_weight: float,
                 remove_accidental_hits: bool, ignore_index: int, sparse_grad: bool,
                 start: int, num_classes: int, group: dist.ProcessGroup) -> Tensor:
-        stat, coef = ops.shard_loss_forward(hidden, weight, bias, target, negatives, noise_probs,
-                                            log_z, objective, remove_accidental_hits,
+        stat, coef = ops.shard_loss_forward(hidden, weight, bias, target, negatives,
+                                            hard_negatives, noise_probs, log_z, objective,
+                                            positive_weight, remove_accidental_hits,
                                             ignore_index, start, num_classes)
         if objective != SOFTMAX:
             loss = all_reduce_(stat, group)
         else:
-            loss, coef = _global_softmax(stat, coef, target, ignore_index, start,
-                                         start + weight.shape[0], group)
-        ctx.save_for_backward(hidden, weight, target, negatives, coef)
+            loss, coef = _global_softmax(stat, coef, target, ignore_index, group)
+        ctx.save_for_backward(hidden, weight, target, negatives, hard_negatives, coef)
         ctx.args = (bias is not None, objective, ignore_index, sparse_grad, start, num_classes)
         return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_loss: Tensor) -> Tuple[Optional[Tensor], ...]:
-        hidden, weight, target, negatives, coef = ctx.saved_tensors
+        hidden, weight, target, negatives, hard_negatives, coef = ctx.saved_tensors
         has_bias, objective, ignore_index, sparse_grad, start, num_classes = ctx.args
         needs = ctx.needs_input_grad
         grad_hidden = grad_weight = grad_bias = grad_log_z = None
         if needs[0] or needs[1] or needs[2]:
             mode = _HIDDEN if not (needs[1] or needs[2]) else (_ROWS if sparse_grad else _DENSE)
             grad_hidden, rows, grad_weight, grad_bias = ops.shard_loss_backward(
-                grad_loss, coef, hidden, weight, has_bias, target, negatives, ignore_index,
-                start, num_classes, mode)
+                grad_loss, coef, hidden, weight, has_bias, target, negatives, hard_negatives,
+                ignore_index, start, num_classes, mode)
             if mode == _HIDDEN:
                 grad_weight = grad_bias = None
             elif mode == _ROWS:
@@ -136,24 +137,30 @@ class _ShardedLoss(torch.autograd.Function):
         if needs[3] and objective == NCE:
             # This shard's part of dloss/dlog_z; copy_to_group sums the parts.
             grad_log_z = -(grad_loss.unsqueeze(1) * coef).sum()
-        return (grad_hidden, grad_weight, grad_bias, grad_log_z) + (None,) * 10
+        return (grad_hidden, grad_weight, grad_bias, grad_log_z) + (None,) * 12
 
 
 def _global_softmax(local_max: Tensor, logits: Tensor, target: Tensor, ignore_index: int,
-                    start: int, end: int, group: dist.ProcessGroup) -> Tuple[Tensor, Tensor]:
-    """Loss [N] and this shard's coefficients softmax - [target] from the owned logits (-inf
-    elsewhere) and their per-example maxima, by one max and one sum all-reduce of [N]."""
-    keep = target != ignore_index
+                    group: dist.ProcessGroup) -> Tuple[Tensor, Tensor]:
+    """Loss [N] and this shard's coefficients softmax - label from the owned logits (-inf
+    elsewhere; target [N] or [N, T], whose first T columns are the positives) and their
+    per-example maxima, by one max and one sum all-reduce of [N]. A positive's label is 1 / |P|,
+    |P| its example's valid positives; a finite positive logit is one this shard owns."""
+    positives = target.reshape(target.shape[0], -1) if target.dim() == 2 else target.unsqueeze(1)
+    valid = (positives != ignore_index).sum(1)
+    keep = valid > 0
     top = all_reduce_(local_max, group, dist.ReduceOp.MAX)
     top = torch.where(keep, top, torch.zeros_like(top))  # ignored examples: -inf everywhere
-    owns_target = keep & (target >= start) & (target < end)
-    sums = torch.stack([torch.exp(logits - top.unsqueeze(1)).sum(1),
-                        torch.where(owns_target, logits[:, 0], torch.zeros_like(top))])
+    width = positives.shape[1]
+    owned = torch.isfinite(logits[:, :width])
+    owned_logits = torch.where(owned, logits[:, :width], torch.zeros_like(logits[:, :width]))
+    sums = torch.stack([torch.exp(logits - top.unsqueeze(1)).sum(1), owned_logits.sum(1)])
     all_reduce_(sums, group)
+    count = valid.clamp_min(1).to(top.dtype)
     lse = torch.where(keep, top + torch.log(sums[0]), torch.zeros_like(top))
-    loss = torch.where(keep, lse - sums[1], torch.zeros_like(top))
+    loss = torch.where(keep, lse - sums[1] / count, torch.zeros_like(top))
     coef = torch.exp(logits - lse.unsqueeze(1))
-    coef[:, 0] -= owns_target.to(coef.dtype)
+    coef[:, :width] -= owned.to(coef.dtype) / count.unsqueeze(1)
     return loss, coef
 
 
@@ -185,7 +192,9 @@ def _sharded_loss(objective: str, hidden: Tensor, weight: Tensor, bias: Optional
                   negatives: Optional[Tensor], shared_negatives: bool,
                   log_z: Union[float, Tensor], remove_accidental_hits: bool, ignore_index: int,
                   reduction: str, generator: Optional[torch.Generator], sparse_grad: bool,
-                  group: Group, num_classes: Optional[int]) -> Tensor:
+                  group: Group, num_classes: Optional[int],
+                  hard_negatives: Optional[Tensor] = None,
+                  sample_weight: Optional[Tensor] = None, gbce_t: float = 0.0) -> Tensor:
     weight, bias, group = _local_shard(weight, bias, group)  # type: ignore[assignment]
     pg = resolve_group(group)
     rank, size = dist.get_rank(pg), dist.get_world_size(pg)
@@ -194,33 +203,57 @@ def _sharded_loss(objective: str, hidden: Tensor, weight: Tensor, bias: Optional
         start, end = _range(v, rank, size)
         hidden, weight, bias = _check_shard(*fn._autocast(hidden, weight, bias, sparse_grad),
                                             start, end)
-        target = fn._check_target(target, hidden)
+        target = fn._check_target(target, hidden, several=True)
         reduction = fn._check_reduction(reduction)
         device = hidden.device
-        uses_noise = objective != "negative_sampling"
+        batch_shape = hidden.shape[:-1]
+        gbce = objective == "gbce"
+        uses_noise = objective not in ("negative_sampling", "gbce")
+        hard = None
+        if hard_negatives is not None:
+            if objective == "nce":
+                raise ValueError("hard_negatives are not supported by nce_loss: NCE's noise "
+                                 "terms assume negatives drawn from the noise distribution")
+            hard = fn._check_hard_negatives(hard_negatives, batch_shape, device)
+        weights = (fn._check_sample_weight(sample_weight, batch_shape, device)
+                   if sample_weight is not None else None)
         sampler = fn._as_sampler(noise, v, device) if noise is not None else None
-        if sampler is None and (uses_noise or negatives is None):
+        if sampler is None and (uses_noise or (negatives is None and not gbce)):
             raise ValueError(f"noise is required for {objective} unless it is negative sampling "
                              "with explicit negatives")
-        negs = fn._negatives(negatives, num_negatives, shared_negatives, sampler, target.shape,
-                             device, generator)
+        negs = fn._negatives(negatives, num_negatives, shared_negatives, sampler, batch_shape,
+                             device, generator, min_k=0 if hard is not None and not gbce else 1,
+                             num_classes=v)
+        positive_weight = fn._gbce_beta(gbce_t, negs.shape[-1], v) if gbce else 1.0
         log_z_t = fn._log_z_tensor(log_z, device, accumulation_dtype(hidden.dtype))
         # Converted here, where a bad value still reaches the agreement check as an error.
         hits, ignore, sparse = bool(remove_accidental_hits), int(ignore_index), bool(sparse_grad)
-        fields = [v, hidden.shape[-1], target.numel(), negs.shape[-1]]
+        fields = [v, hidden.shape[-1], target.numel(), negs.shape[-1],
+                  hard.shape[-1] if hard is not None else 0]
     except (ValueError, TypeError) as caught:
         # The rank still joins the agreement all-gather, which raises on every rank.
         agree([0] * len(_LOSS_FIELDS), caught, pg, _LOSS_FIELDS, like=_tensor_or_none(hidden))
     noise_probs = sampler.probs if uses_noise and sampler is not None else None
-    loss = _sharded_apply(fields, pg, hidden, weight, bias, log_z_t, target, negs, noise_probs,
-                          OBJECTIVES[objective], hits, ignore, sparse, start)
-    return fn._reduce(loss, target, ignore_index, reduction)
+    n = batch_shape.numel()
+    flat_target = (target.reshape(n, target.shape[-1]) if target.dim() == hidden.dim()
+                   else target.reshape(n))
+    code = OBJECTIVES["negative_sampling" if gbce else objective]
+    loss = _sharded_apply(fields, pg, hidden, weight, bias, log_z_t, flat_target, negs, hard,
+                          noise_probs, code, positive_weight, hits, ignore, sparse, start)
+    counted = fn._counted(flat_target, ignore_index)
+    if weights is not None:
+        loss = loss * weights.to(loss.dtype)
+    if reduction == "none":
+        return loss.reshape(batch_shape)
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / counted.sum().clamp_min(1)
 
 
 # What the ranks of a vocab-parallel loss must agree on (_sharded_apply's fields, in order).
 _LOSS_FIELDS = ["num_classes (V)", "hidden's last dim (D)", "the number of examples (N)",
-                "the number of negatives (k)", "target",
-                "negatives (seed every rank's generator alike)"]
+                "the number of negatives (k)", "the number of hard negatives (h)", "target",
+                "negatives (seed every rank's generator alike)", "hard_negatives"]
 _FULL_SOFTMAX_FIELDS = ["num_classes (V)", "hidden's last dim (D)", "the number of examples (N)",
                         "target"]
 
@@ -232,7 +265,8 @@ def _tensor_or_none(value: object) -> Optional[Tensor]:
 @torch.compiler.disable
 def _sharded_apply(fields: List[int], pg: dist.ProcessGroup, hidden: Tensor, weight: Tensor,
                    bias: Optional[Tensor], log_z: Tensor, target: Tensor, negatives: Tensor,
-                   noise_probs: Optional[Tensor], objective: int, remove_accidental_hits: bool,
+                   hard_negatives: Optional[Tensor], noise_probs: Optional[Tensor],
+                   objective: int, positive_weight: float, remove_accidental_hits: bool,
                    ignore_index: int, sparse_grad: bool, start: int) -> Tensor:
     """The collectives and the shard kernels: the agreement check, then ``_ShardedLoss``.
 
@@ -240,16 +274,16 @@ def _sharded_apply(fields: List[int], pg: dist.ProcessGroup, hidden: Tensor, wei
     check reads index sums on the host and every collective runs eagerly, so a compiled step
     does exactly the eager step's communication, in the same order on every rank.
     """
-    flat_target = target.reshape(-1)
     # Replicated inputs must be equal on every rank: a cheap fingerprint of the indices (a rank
     # whose generator state differs draws other negatives).
-    agree(fields + [int(flat_target.sum()), int(negatives.sum())], None, pg, _LOSS_FIELDS,
+    hard_sum = int(hard_negatives.sum()) if hard_negatives is not None else 0
+    agree(fields + [int(target.sum()), int(negatives.sum()), hard_sum], None, pg, _LOSS_FIELDS,
           like=hidden)
     h = copy_to_group(hidden.reshape(-1, hidden.shape[-1]), pg)
     lz = copy_to_group(log_z, pg) if objective == NCE else log_z
     loss: Tensor = _ShardedLoss.apply(  # type: ignore[no-untyped-call]
-        h, weight, bias, lz, flat_target, negatives, noise_probs, objective,
-        remove_accidental_hits, ignore_index, sparse_grad, start, fields[0], pg)
+        h, weight, bias, lz, target, negatives, hard_negatives, noise_probs, objective,
+        positive_weight, remove_accidental_hits, ignore_index, sparse_grad, start, fields[0], pg)
     return loss
 
 
@@ -259,7 +293,8 @@ def nce_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Ten
              log_z: Union[float, Tensor] = 0.0, remove_accidental_hits: bool = False,
              ignore_index: int = -100, reduction: str = "mean",
              generator: Optional[torch.Generator] = None, sparse_grad: bool = False,
-             group: Group = None, num_classes: Optional[int] = None) -> Tensor:
+             group: Group = None, num_classes: Optional[int] = None,
+             sample_weight: Optional[Tensor] = None) -> Tensor:
     """:func:`fused_nce.nce_loss` with ``weight`` / ``bias`` this rank's shard (rows
     :func:`shard_range`) of the ``[V, D]`` / ``[V]`` output layer over ``group``.
 
@@ -270,7 +305,8 @@ def nce_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Ten
     """
     return _sharded_loss("nce", hidden, weight, bias, target, noise, num_negatives, negatives,
                          shared_negatives, log_z, remove_accidental_hits, ignore_index,
-                         reduction, generator, sparse_grad, group, num_classes)
+                         reduction, generator, sparse_grad, group, num_classes,
+                         sample_weight=sample_weight)
 
 
 def negative_sampling_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
@@ -280,12 +316,31 @@ def negative_sampling_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor
                            remove_accidental_hits: bool = False, ignore_index: int = -100,
                            reduction: str = "mean", generator: Optional[torch.Generator] = None,
                            sparse_grad: bool = False, group: Group = None,
-                           num_classes: Optional[int] = None) -> Tensor:
+                           num_classes: Optional[int] = None,
+                           hard_negatives: Optional[Tensor] = None,
+                           sample_weight: Optional[Tensor] = None) -> Tensor:
     """:func:`fused_nce.negative_sampling_loss` over a vocab-parallel shard (see
     :func:`nce_loss`); pass ``num_classes`` when there is no noise."""
     return _sharded_loss("negative_sampling", hidden, weight, bias, target, noise, num_negatives,
                          negatives, shared_negatives, 0.0, remove_accidental_hits, ignore_index,
-                         reduction, generator, sparse_grad, group, num_classes)
+                         reduction, generator, sparse_grad, group, num_classes, hard_negatives,
+                         sample_weight)
+
+
+def gbce_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+              noise: Optional[fn.Noise] = None, *, num_negatives: Optional[int] = None,
+              negatives: Optional[Tensor] = None, shared_negatives: bool = False,
+              t: float = 0.75, remove_accidental_hits: bool = False, ignore_index: int = -100,
+              reduction: str = "mean", generator: Optional[torch.Generator] = None,
+              sparse_grad: bool = False, group: Group = None, num_classes: Optional[int] = None,
+              hard_negatives: Optional[Tensor] = None,
+              sample_weight: Optional[Tensor] = None) -> Tensor:
+    """:func:`fused_nce.gbce_loss` over a vocab-parallel shard (see :func:`nce_loss`); pass
+    ``num_classes`` when there is no noise (the draws are then uniform over it)."""
+    return _sharded_loss("gbce", hidden, weight, bias, target, noise, num_negatives, negatives,
+                         shared_negatives, 0.0, remove_accidental_hits, ignore_index, reduction,
+                         generator, sparse_grad, group, num_classes, hard_negatives,
+                         sample_weight, t)
 
 
 def sampled_softmax_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
@@ -295,12 +350,15 @@ def sampled_softmax_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
                          remove_accidental_hits: bool = True, ignore_index: int = -100,
                          reduction: str = "mean", generator: Optional[torch.Generator] = None,
                          sparse_grad: bool = False, group: Group = None,
-                         num_classes: Optional[int] = None) -> Tensor:
+                         num_classes: Optional[int] = None,
+                         hard_negatives: Optional[Tensor] = None,
+                         sample_weight: Optional[Tensor] = None) -> Tensor:
     """:func:`fused_nce.sampled_softmax_loss` over a vocab-parallel shard (see :func:`nce_loss`);
     the log-sum-exp over the example's logits is combined across the ranks."""
     return _sharded_loss("sampled_softmax", hidden, weight, bias, target, noise, num_negatives,
                          negatives, shared_negatives, 0.0, remove_accidental_hits, ignore_index,
-                         reduction, generator, sparse_grad, group, num_classes)
+                         reduction, generator, sparse_grad, group, num_classes, hard_negatives,
+                         sample_weight)
 
 
 class _FullSoftmax(torch.autograd.Function):
@@ -432,17 +490,13 @@ class VocabParallelNCELoss(NCELoss):
         return shard_range(self.num_classes, self.group)
 
     def forward(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
-                *, generator: Optional[torch.Generator] = None) -> Tensor:
-        common: Dict[str, Any] = dict(
-            num_negatives=self.num_negatives, shared_negatives=self.shared_negatives,
-            remove_accidental_hits=self.remove_accidental_hits, ignore_index=self.ignore_index,
-            reduction=self.reduction, generator=generator, sparse_grad=self.sparse_grad,
-            group=self.group, num_classes=self.num_classes)
-        if self.objective == "nce":
-            log_z = self.log_z if self.log_z is not None else 0.0
-            return nce_loss(hidden, weight, bias, target, self.sampler, log_z=log_z, **common)
-        loss_fn = (negative_sampling_loss if self.objective == "negative_sampling"
-                   else sampled_softmax_loss)
-        loss: Tensor = loss_fn(hidden, weight, bias, target, self.sampler, **common)
-        return loss
+                *, generator: Optional[torch.Generator] = None,
+                hard_negatives: Optional[Tensor] = None,
+                sample_weight: Optional[Tensor] = None) -> Tensor:
+        log_z = self.log_z if self.log_z is not None else 0.0
+        return _sharded_loss(self.objective, hidden, weight, bias, target, self.sampler,
+                             self.num_negatives, None, self.shared_negatives, log_z,
+                             self.remove_accidental_hits, self.ignore_index, self.reduction,
+                             generator, self.sparse_grad, self.group, self.num_classes,
+                             hard_negatives, sample_weight, self.gbce_t)
 
