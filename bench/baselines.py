@@ -73,3 +73,31 @@ def in_batch_loss(query: Tensor, candidates: Tensor, candidate_ids: Tensor, log_
 def compiled(fn: Callable, mode: Optional[str] = None) -> Callable:
     """``fn`` under ``torch.compile`` (fixed shapes, as a training loop's)."""
     return torch.compile(fn, dynamic=False, mode=mode)
+
+
+def multi_positive_loss(objective: str, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
+                        target: Tensor, negatives: Tensor, hard_negatives: Tensor, log_q: Tensor,
+                        *, beta: float = 1.0, sparse: bool = False) -> Tensor:
+    """Several positives ``[N, T]`` (no padding), sampled negatives ``[N, k]`` or ``[k]`` and
+    hard negatives ``[N, h]``, as a careful user writes them: one gather of the example's
+    ``T + h`` own rows (and ``k`` sampled), bmm / GEMM scores, float32 loss. Sampled softmax
+    (logQ on the drawn columns, soft labels 1/T, accidental hits kept) or gBCE / BCE with the
+    positive terms weighted by ``beta``."""
+    own = torch.cat([target, hard_negatives], 1)
+    w_own = _rows(weight, own, sparse)                                    # [N, T + h, D]
+    s_own = torch.bmm(w_own, hidden.unsqueeze(2)).squeeze(2).float()
+    w_n = _rows(weight, negatives, sparse)
+    s_neg = ((hidden @ w_n.T) if negatives.dim() == 1
+             else torch.bmm(w_n, hidden.unsqueeze(2)).squeeze(2)).float()
+    if bias is not None:
+        s_own = s_own + bias[own].float()
+        s_neg = s_neg + bias[negatives].float()
+    t = target.shape[1]
+    s_pos, s_hard = s_own[:, :t], s_own[:, t:]
+    if objective == "sampled_softmax":
+        o_pos = s_pos - log_q[target]
+        o_neg = s_neg - log_q[negatives]
+        logits = torch.cat([o_pos, o_neg.expand(s_pos.shape[0], -1), s_hard], 1)
+        return (torch.logsumexp(logits, 1) - o_pos.mean(1)).mean()
+    return (beta * F.softplus(-s_pos).sum(1) + F.softplus(s_neg).sum(1)
+            + F.softplus(s_hard).sum(1)).mean()
