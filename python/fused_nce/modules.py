@@ -28,7 +28,9 @@ class NCELoss(nn.Module):
         shared_negatives: draw one ``[k]`` set of negatives per call for the whole batch.
         learn_log_z: learn the NCE normalizer ``log_z`` (initialized to 0).
         remove_accidental_hits: default True for sampled softmax, False otherwise.
-        ignore_index, reduction, sparse_grad: as in :func:`fused_nce.nce_loss`.
+        ignore_index: as in :func:`fused_nce.nce_loss`.
+        reduction: as in :func:`fused_nce.nce_loss`.
+        sparse_grad: as in :func:`fused_nce.nce_loss`.
         gbce_t: gBCE's calibration ``t`` in ``[0, 1]`` (:func:`fused_nce.gbce_loss`).
 
     ``forward`` also takes ``target`` ``[*, T]`` (several positives), ``hard_negatives`` and
