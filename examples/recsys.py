@@ -24,6 +24,12 @@ loss (score = dot product, as in approximate-nearest-neighbour retrieval). Model
   ``log(k / items)`` for the extras;
 * ``popularity``: recommend the most popular unseen items (no training).
 
+Two more, by ``--models``: ``sampled_softmax_hard`` adds ``--hard-negatives`` mined negatives
+per example to ``sampled_softmax`` (the highest-scoring of 64 items drawn uniformly, scored by
+the current model; a hard negative has no logQ term), and ``gbce`` trains with gBCE
+(``fused_nce.gbce_loss``, gSASRec: ``k`` per-example negatives drawn uniformly, ``t`` =
+``--gbce-t``).
+
 Reported: recall@10 and recall@50 of the held-out item among all items the user has not seen,
 and the share of top-10 recommendations that are among the 1% most popular items.
 
@@ -52,6 +58,7 @@ from _corpus import (StepLog, example_parser, fill_defaults, pick_device, plot_a
 
 MODELS = ("full_softmax", "sampled_softmax", "sampled_softmax_no_logq", "in_batch",
           "in_batch_true_logq", "in_batch_no_logq", "mixed")
+MORE_MODELS = ("sampled_softmax_hard", "gbce")
 
 
 @dataclass
@@ -190,6 +197,19 @@ def train(name: str, data: Interactions, args: argparse.Namespace, device: torch
             loss = fused_nce.sampled_softmax_loss(query, items, None, target, popularity,
                                                   num_negatives=args.num_negatives,
                                                   shared_negatives=True)
+        elif name == "sampled_softmax_hard":
+            # Mined hard negatives: the highest-scoring of a uniform pool, by the current model.
+            with torch.no_grad():
+                pool = torch.randint(data.num_items, (len(target), 64), generator=extras,
+                                     device=device)
+                pool_scores = torch.einsum("nd,npd->np", query, items[pool])
+                hard = pool.gather(1, pool_scores.topk(args.hard_negatives, dim=1).indices)
+            loss = fused_nce.sampled_softmax_loss(query, items, None, target, popularity,
+                                                  num_negatives=args.num_negatives,
+                                                  shared_negatives=True, hard_negatives=hard)
+        elif name == "gbce":
+            loss = fused_nce.gbce_loss(query, items, None, target,
+                                       num_negatives=args.num_negatives, t=args.gbce_t)
         elif name == "sampled_softmax_no_logq":  # popularity-drawn negatives, q taken as uniform
             loss = fused_nce.sampled_softmax_loss(query, items, None, target, uniform,
                                                   negatives=popularity.sample(args.num_negatives))
@@ -223,6 +243,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--num-negatives", type=int, help="k shared negatives per batch")
     p.add_argument("--dim", type=int)
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--hard-negatives", type=int, default=8,
+                   help="mined hard negatives per example (sampled_softmax_hard)")
+    p.add_argument("--gbce-t", type=float, default=0.75, help="gBCE's calibration t (gbce)")
     full = dict(users=10_000, items=20_000, steps=1500, batch_size=512, num_negatives=256, dim=64,
                 eval_every=250, min_items=5, max_items=35)
     quick = dict(users=2_000, items=2_000, steps=300, batch_size=256, num_negatives=64, dim=32,
@@ -245,8 +268,8 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
     held_out_share = float(popular[data.held_out.to(device)].float().mean())
     curves = []
     for name in args.models.split(","):
-        if name not in MODELS:
-            raise SystemExit(f"unknown model {name!r}; choose from {MODELS}")
+        if name not in MODELS + MORE_MODELS:
+            raise SystemExit(f"unknown model {name!r}; choose from {MODELS + MORE_MODELS}")
         curves += train(name, data, args, device, popular)
         print(f"{name}: recall@10 {curves[-1]['recall@10']:.3f}, "
               f"recall@50 {curves[-1]['recall@50']:.3f}, {curves[-1]['train_s']:.1f} s")

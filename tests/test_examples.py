@@ -122,6 +122,16 @@ def test_recsys(tmp_path):
     check_plot(tmp_path / "recsys_recall.png")
 
 
+def test_recsys_with_hard_negatives_and_gbce(tmp_path):
+    run_example("recsys.py", tmp_path, "--steps", "40", "--eval-every", "20", "--models",
+                "sampled_softmax_hard,gbce")
+    models = by(read_csv(tmp_path / "recsys_curves.csv"), "model")
+    assert set(models) == {"sampled_softmax_hard", "gbce"}
+    for name, rows in models.items():
+        assert losses(rows)[-1] < losses(rows)[0], name
+        assert float(rows[-1]["recall@10"]) > float(rows[0]["recall@10"]), name
+
+
 def test_examples_run_without_matplotlib_and_tqdm(tmp_path):
     # Packages that fail to import shadow the installed ones.
     for name in ("matplotlib", "tqdm"):
