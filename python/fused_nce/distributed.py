@@ -205,49 +205,21 @@ def _sharded_loss(objective: str, hidden: Tensor, weight: Tensor, bias: Optional
                                             start, end)
         target = fn._check_target(target, hidden, several=True)
         reduction = fn._check_reduction(reduction)
-        device = hidden.device
-        batch_shape = hidden.shape[:-1]
-        gbce = objective == "gbce"
-        uses_noise = objective not in ("negative_sampling", "gbce")
-        hard = None
-        if hard_negatives is not None:
-            if objective == "nce":
-                raise ValueError("hard_negatives are not supported by nce_loss: NCE's noise "
-                                 "terms assume negatives drawn from the noise distribution")
-            hard = fn._check_hard_negatives(hard_negatives, batch_shape, device)
-        weights = (fn._check_sample_weight(sample_weight, batch_shape, device)
-                   if sample_weight is not None else None)
-        sampler = fn._as_sampler(noise, v, device) if noise is not None else None
-        if sampler is None and (uses_noise or (negatives is None and not gbce)):
-            raise ValueError(f"noise is required for {objective} unless it is negative sampling "
-                             "with explicit negatives")
-        negs = fn._negatives(negatives, num_negatives, shared_negatives, sampler, batch_shape,
-                             device, generator, min_k=0 if hard is not None and not gbce else 1,
-                             num_classes=v)
-        positive_weight = fn._gbce_beta(gbce_t, negs.shape[-1], v) if gbce else 1.0
-        log_z_t = fn._log_z_tensor(log_z, device, accumulation_dtype(hidden.dtype))
+        c = fn._columns(objective, hidden, target, v, noise, num_negatives, negatives,
+                        shared_negatives, generator, hard_negatives, sample_weight, gbce_t)
+        log_z_t = fn._log_z_tensor(log_z, hidden.device, accumulation_dtype(hidden.dtype))
         # Converted here, where a bad value still reaches the agreement check as an error.
         hits, ignore, sparse = bool(remove_accidental_hits), int(ignore_index), bool(sparse_grad)
-        fields = [v, hidden.shape[-1], target.numel(), negs.shape[-1],
-                  hard.shape[-1] if hard is not None else 0]
+        fields = [v, hidden.shape[-1], target.numel(), c.negatives.shape[-1],
+                  c.hard.shape[-1] if c.hard is not None else 0]
     except (ValueError, TypeError) as caught:
         # The rank still joins the agreement all-gather, which raises on every rank.
         agree([0] * len(_LOSS_FIELDS), caught, pg, _LOSS_FIELDS, like=_tensor_or_none(hidden))
-    noise_probs = sampler.probs if uses_noise and sampler is not None else None
-    n = batch_shape.numel()
-    flat_target = (target.reshape(n, target.shape[-1]) if target.dim() == hidden.dim()
-                   else target.reshape(n))
-    code = OBJECTIVES["negative_sampling" if gbce else objective]
-    loss = _sharded_apply(fields, pg, hidden, weight, bias, log_z_t, flat_target, negs, hard,
-                          noise_probs, code, positive_weight, hits, ignore, sparse, start)
-    counted = fn._counted(flat_target, ignore_index)
-    if weights is not None:
-        loss = loss * weights.to(loss.dtype)
-    if reduction == "none":
-        return loss.reshape(batch_shape)
-    if reduction == "sum":
-        return loss.sum()
-    return loss.sum() / counted.sum().clamp_min(1)
+    loss: Tensor = _sharded_apply(fields, pg, hidden, weight, bias, log_z_t, c.target,
+                                  c.negatives, c.hard, c.noise_probs, c.code, c.positive_weight,
+                                  hits, ignore, sparse, start)
+    return fn._weighted_reduce(loss, c.weights, c.target, ignore_index, reduction,
+                               hidden.shape[:-1])
 
 
 # What the ranks of a vocab-parallel loss must agree on (_sharded_apply's fields, in order).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Dict, Optional, Tuple, Union
 
 import torch
@@ -188,21 +189,30 @@ def _negatives(negatives: object, num_negatives: object, shared_negatives: bool,
     return sampler.sample(size, generator=generator)
 
 
-def _sampled_loss(objective: str, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
-                  target: Tensor, noise: Optional[Noise], num_negatives: Optional[int],
-                  negatives: Optional[Tensor], shared_negatives: bool, log_z: Union[float, Tensor],
-                  remove_accidental_hits: bool, ignore_index: int, reduction: str,
-                  generator: Optional[torch.Generator], sparse_grad: bool,
-                  hard_negatives: Optional[Tensor] = None,
-                  sample_weight: Optional[Tensor] = None, gbce_t: float = 0.0) -> Tensor:
-    hidden, weight, bias = _check_model(*_autocast(hidden, weight, bias, sparse_grad))
-    target = _check_target(target, hidden, several=True)
-    reduction = _check_reduction(reduction)
-    num_classes, device = weight.shape[0], hidden.device
+@dataclass
+class _Columns:
+    """A sampled loss's checked columns and what its op takes besides the model (shared by the
+    single-device and the vocab-parallel losses): target [N] / [N, T], negatives [N, k] / [k],
+    hard negatives [N, h], per-example weights [N] and the op's objective code."""
+
+    target: Tensor
+    negatives: Tensor
+    hard: Optional[Tensor]
+    weights: Optional[Tensor]
+    noise_probs: Optional[Tensor]
+    code: int
+    positive_weight: float
+
+
+def _columns(objective: str, hidden: Tensor, target: Tensor, num_classes: int,
+             noise: Optional[Noise], num_negatives: Optional[int], negatives: Optional[Tensor],
+             shared_negatives: bool, generator: Optional[torch.Generator],
+             hard_negatives: Optional[Tensor], sample_weight: Optional[Tensor],
+             gbce_t: float) -> _Columns:
+    """Checks the columns' arguments and draws the negatives (``target`` checked already)."""
+    device, batch_shape = hidden.device, hidden.shape[:-1]
     gbce = objective == "gbce"
     uses_noise = objective not in ("negative_sampling", "gbce")
-    batch_shape = hidden.shape[:-1]
-    n = batch_shape.numel()
     hard = None
     if hard_negatives is not None:
         if objective == "nce":
@@ -221,29 +231,52 @@ def _sampled_loss(objective: str, hidden: Tensor, weight: Tensor, bias: Optional
     negs = _negatives(negatives, num_negatives, shared_negatives, sampler, batch_shape, device,
                       generator, min_k=0 if hard is not None and not gbce else 1,
                       num_classes=num_classes)
-    positive_weight = 1.0
-    if gbce:
-        positive_weight = _gbce_beta(gbce_t, negs.shape[-1], num_classes)
-    log_z_t = _log_z_tensor(log_z, device, accumulation_dtype(hidden.dtype))
-    noise_probs = sampler.probs if (uses_noise and sampler is not None) else None
-    # [*, D], [*] / [*, T] to [N, D], [N] / [N, T] (a view costs a microsecond: none where
-    # already flat).
-    flat_hidden = hidden if hidden.dim() == 2 else hidden.reshape(n, hidden.shape[-1])
-    several = target.dim() == hidden.dim()
-    flat_target = (target.reshape(n, target.shape[-1]) if several
+    positive_weight = _gbce_beta(gbce_t, negs.shape[-1], num_classes) if gbce else 1.0
+    n = batch_shape.numel()
+    # [*] / [*, T] to [N] / [N, T] (a view costs a microsecond: none where already flat).
+    flat_target = (target.reshape(n, target.shape[-1]) if target.dim() == hidden.dim()
                    else target if target.dim() == 1 else target.reshape(n))
-    kernel_reduction = "none" if weights is not None else reduction
-    code = OBJECTIVES["negative_sampling" if gbce else objective]
-    loss = sampled_loss(flat_hidden, weight, bias, flat_target, negs, hard, noise_probs, log_z_t,
-                        code, positive_weight, bool(remove_accidental_hits), int(ignore_index),
-                        bool(sparse_grad), kernel_reduction)
+    return _Columns(flat_target, negs, hard, weights,
+                    sampler.probs if (uses_noise and sampler is not None) else None,
+                    OBJECTIVES["negative_sampling" if gbce else objective], positive_weight)
+
+
+def _sampled_loss(objective: str, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
+                  target: Tensor, noise: Optional[Noise], num_negatives: Optional[int],
+                  negatives: Optional[Tensor], shared_negatives: bool, log_z: Union[float, Tensor],
+                  remove_accidental_hits: bool, ignore_index: int, reduction: str,
+                  generator: Optional[torch.Generator], sparse_grad: bool,
+                  hard_negatives: Optional[Tensor] = None,
+                  sample_weight: Optional[Tensor] = None, gbce_t: float = 0.0) -> Tensor:
+    hidden, weight, bias = _check_model(*_autocast(hidden, weight, bias, sparse_grad))
+    target = _check_target(target, hidden, several=True)
+    reduction = _check_reduction(reduction)
+    c = _columns(objective, hidden, target, weight.shape[0], noise, num_negatives, negatives,
+                 shared_negatives, generator, hard_negatives, sample_weight, gbce_t)
+    log_z_t = _log_z_tensor(log_z, hidden.device, accumulation_dtype(hidden.dtype))
+    batch_shape = hidden.shape[:-1]
+    flat_hidden = hidden if hidden.dim() == 2 else hidden.reshape(-1, hidden.shape[-1])
+    # With weights the op returns [N] and the weighted reduction follows here.
+    kernel_reduction = "none" if c.weights is not None else reduction
+    loss = sampled_loss(flat_hidden, weight, bias, c.target, c.negatives, c.hard, c.noise_probs,
+                        log_z_t, c.code, c.positive_weight, bool(remove_accidental_hits),
+                        int(ignore_index), bool(sparse_grad), kernel_reduction)
+    if c.weights is not None:
+        return _weighted_reduce(loss, c.weights, c.target, ignore_index, reduction, batch_shape)
+    return loss if reduction != "none" or loss.shape == batch_shape else loss.reshape(batch_shape)
+
+
+def _weighted_reduce(loss: Tensor, weights: Optional[Tensor], flat_target: Tensor,
+                     ignore_index: int, reduction: str, batch_shape: torch.Size) -> Tensor:
+    """Per-example losses [N] times their weights (where given), reduced: "mean" divides by the
+    number of counted examples (those with a valid positive), weighted or not."""
     if weights is not None:
         loss = loss * weights.to(loss.dtype)
-        if reduction == "sum":
-            return loss.sum()
-        if reduction == "mean":
-            return loss.sum() / _counted(flat_target, ignore_index).sum().clamp_min(1)
-    return loss if reduction != "none" or loss.shape == batch_shape else loss.reshape(batch_shape)
+    if reduction == "none":
+        return loss.reshape(batch_shape)
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / _counted(flat_target, ignore_index).sum().clamp_min(1)
 
 
 def _gbce_beta(t: object, k: int, num_classes: int) -> float:
