@@ -534,17 +534,34 @@ std::tuple<at::Tensor, at::Tensor> sampled_loss_forward_cpu(
           }
           const acc_t positive_label =
               softmax ? acc_t(1) / static_cast<acc_t>(num_valid) : static_cast<acc_t>(positive_weight);
-          for (int64_t j = 0; j < cols; ++j) {
-            const int64_t c = columns.class_of(i, j);
-            const bool dropped = columns.dropped(i, j, c, remove_accidental_hits);
+          // Column by kind (columns.h), so that the k sampled ones, the many, take a short
+          // loop. Noise probabilities are made logs below; a hard negative's is 1 (log 0), and
+          // a shared negative's log is looked up once for the batch.
+          const int64_t first = columns.num_positives, last = first + k;
+          const int64_t* positives = columns.target + i * first;
+          for (int64_t j = 0; j < first; ++j) {
+            const bool valid = positives[j] != ignore_index;
+            keep_row[j] = label_row[j] = valid ? acc_t(1) : acc_t(0);
+            label_row[j] *= positive_label;
+            q_row[j] = uses_noise && valid ? static_cast<acc_t>(clamp_noise_prob(qp[positives[j]]))
+                                           : acc_t(1);
+          }
+          const int64_t* sampled = shared ? columns.negatives : columns.negatives + i * k;
+          for (int64_t j = 0; j < k; ++j) {
+            const int64_t c = sampled[j];
+            const bool dropped = remove_accidental_hits && columns.is_valid_positive(i, c);
+            keep_row[first + j] = dropped ? acc_t(0) : acc_t(1);
+            label_row[first + j] = acc_t(0);
+            q_row[first + j] = !uses_noise || dropped || shared
+                                   ? acc_t(1)
+                                   : static_cast<acc_t>(clamp_noise_prob(qp[c]));
+          }
+          for (int64_t j = last; j < cols; ++j) {
+            const bool dropped =
+                columns.dropped(i, j, columns.class_of(i, j), remove_accidental_hits);
             keep_row[j] = dropped ? acc_t(0) : acc_t(1);
-            label_row[j] = columns.positive(j) && !dropped ? positive_label : acc_t(0);
-            // Noise probabilities, made logs below; a hard negative's is 1 (log 0). A shared
-            // negative's log is looked up once for the batch (below).
-            q_row[j] = !uses_noise || dropped || columns.from_gemm(j) ||
-                               !(columns.positive(j) || columns.sampled(j))
-                           ? acc_t(1)
-                           : static_cast<acc_t>(clamp_noise_prob(qp[c]));
+            label_row[j] = acc_t(0);
+            q_row[j] = acc_t(1);
           }
           // Scores of the columns this example gathers itself (padding reads row 0's place).
           int64_t m = 0;
@@ -556,7 +573,6 @@ std::tuple<at::Tensor, at::Tensor> sampled_loss_forward_cpu(
           row_scores(h_row.data(), wp, w_stride, bp, rows.data(), own, dim, own_scores.data());
           for (int64_t o = 0; o < own; ++o) s[columns.own_column(o)] = own_scores[o];
           if (shared) {
-            const int64_t first = columns.num_positives;
             for (int64_t j = 0; j < k; ++j) s[first + j] = sp[i * k + j] + neg_bias[j];
           }
         }
