@@ -4,6 +4,10 @@
 #   ./dev.sh test  [pytest args]      the test suite
 #   ./dev.sh bench [benchmark args]   the microbenchmark (prints a table, writes a CSV)
 #   ./dev.sh docs  [mkdocs args]      the documentation site, built strictly into site/
+#   ./dev.sh sanitize [pytest args]   the CPU kernel tests on a build with AddressSanitizer and
+#                                     UndefinedBehaviorSanitizer (own venv .venv-sanitize and build
+#                                     dir build/sanitize; .venv keeps the normal build); any report
+#                                     fails the run. What it runs and why: .ci/sanitize.sh.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -11,6 +15,9 @@ command=${1:-test}
 shift || true
 
 venv=${FUSED_NCE_VENV:-.venv}
+if [ "$command" = sanitize ]; then
+  venv=${FUSED_NCE_SANITIZE_VENV:-.venv-sanitize}
+fi
 if [ ! -x "$venv/bin/python" ]; then
   "${PYTHON:-python3}" -m venv --system-site-packages "$venv"
 fi
@@ -36,11 +43,14 @@ if ! "$py" -c "import pybind11, scikit_build_core, ninja, pytest, numpy, mypy, m
   "$py" -m pip install -q pybind11 "scikit-build-core>=0.10" ninja pytest numpy mypy matplotlib \
     tqdm hypothesis
 fi
+if [ "$command" = sanitize ]; then
+  exec .ci/sanitize.sh "$py" "$@"
+fi
 # --no-build-isolation: build against the torch above, never a freshly downloaded one.
 "$py" -m pip install -q --no-build-isolation --no-deps .
 
 case "$command" in
   test) exec "$py" -m pytest tests "$@" ;;
   bench) exec "$py" bench/bench_losses.py "$@" ;;
-  *) echo "usage: ./dev.sh test|bench|docs [args]" >&2; exit 2 ;;
+  *) echo "usage: ./dev.sh test|bench|docs|sanitize [args]" >&2; exit 2 ;;
 esac
