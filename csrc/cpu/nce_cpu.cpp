@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -158,6 +159,19 @@ FUSED_NCE_CLONES void log_f32(const float* x, float* y, int64_t n) {
   }
 }
 
+// keep[j] = 0 where ids[j] == id, else 1: an accidental-hit mask (64-bit compares want AVX2).
+FUSED_NCE_CLONES void keep_unless_f32(const int64_t* ids, int64_t id, float* keep, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) keep[j] = ids[j] == id ? 0.0f : 1.0f;
+}
+
+inline void keep_unless(const int64_t* ids, int64_t id, float* keep, int64_t n) {
+  keep_unless_f32(ids, id, keep, n);
+}
+inline void keep_unless(const int64_t* ids, int64_t id, double* keep, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) keep[j] = ids[j] == id ? 0.0 : 1.0;
+}
+
 inline void exp_columns(const float* x, float* y, int64_t n) { exp_f32(x, y, n); }
 inline void log_columns(const float* x, float* y, int64_t n) { log_f32(x, y, n); }
 inline void exp_columns(const double* x, double* y, int64_t n) {
@@ -184,35 +198,44 @@ void block_loss_and_grad(int64_t objective, int64_t rows, int64_t cols, int64_t 
   const int64_t n = rows * cols;
   if (objective == kSampledSoftmax) {
     for (int64_t f = 0; f < n; ++f) s[f] -= log_q[f];
-    // Row r's largest kept logit in v[r], then the sum of exps in column order.
+    // Row r's largest kept logit in v[r] (-inf when nothing is kept), then the sum of its exps.
+    // The reductions are vector-wide (omp simd): a fixed order for a given row length.
+    constexpr T kLowest = -std::numeric_limits<T>::infinity();
     for (int64_t r = 0; r < rows; ++r) {
       const T* o = s + r * cols;
       const T* kept = keep + r * cols;
-      T max_logit = T(0);
-      bool any = false;
+      T max_logit = kLowest;
+#pragma omp simd reduction(max : max_logit)
       for (int64_t j = 0; j < cols; ++j) {
-        if (kept[j] != T(0) && (!any || o[j] > max_logit)) max_logit = o[j];
-        any = any || kept[j] != T(0);
+        max_logit = std::max(max_logit, kept[j] != T(0) ? o[j] : kLowest);
       }
+      max_logit = max_logit == kLowest ? T(0) : max_logit;
       v[r] = max_logit;
-      for (int64_t j = 0; j < cols; ++j) x[r * cols + j] = kept[j] != T(0) ? o[j] - max_logit : T(0);
+      T* xr = x + r * cols;
+      // keep is 0 or 1 and every score finite: products, not selects, so that the loops vectorize.
+#pragma omp simd
+      for (int64_t j = 0; j < cols; ++j) xr[j] = kept[j] * (o[j] - max_logit);
     }
     exp_columns(x, e, n);
     for (int64_t r = 0; r < rows; ++r) {
+      const T* er = e + r * cols;
+      const T* kept = keep + r * cols;
+      const T* labels = label + r * cols;
+      T* sr = s + r * cols;
       T sum = T(0), positive_logits = T(0);
+#pragma omp simd reduction(+ : sum, positive_logits)
       for (int64_t j = 0; j < cols; ++j) {
-        const int64_t f = r * cols + j;
-        sum += keep[f] * e[f];
-        if (label[f] != T(0)) positive_logits += label[f] * s[f];
+        sum += kept[j] * er[j];
+        positive_logits += labels[j] * sr[j];
       }
       // An ignored example (nothing kept) gets loss 0 and no gradient.
       const bool ignored = sum == T(0);
       loss[r] = ignored ? T(0) : v[r] + std::log(sum) - positive_logits;
       // softmax(o)_j = exp(o_j - max) / sum: the exps above, no second pass of them.
       const T inv_sum = ignored ? T(0) : T(1) / sum;
+#pragma omp simd
       for (int64_t j = 0; j < cols; ++j) {
-        const int64_t f = r * cols + j;
-        s[f] = keep[f] != T(0) ? softmax_grad(label[f], e[f] * inv_sum) : T(0);
+        sr[j] = kept[j] * softmax_grad(labels[j], er[j] * inv_sum);
       }
     }
     return;
@@ -547,14 +570,30 @@ std::tuple<at::Tensor, at::Tensor> sampled_loss_forward_cpu(
                                            : acc_t(1);
           }
           const int64_t* sampled = shared ? columns.negatives : columns.negatives + i * k;
-          for (int64_t j = 0; j < k; ++j) {
-            const int64_t c = sampled[j];
-            const bool dropped = remove_accidental_hits && columns.is_valid_positive(i, c);
-            keep_row[first + j] = dropped ? acc_t(0) : acc_t(1);
-            label_row[first + j] = acc_t(0);
-            q_row[first + j] = !uses_noise || dropped || shared
-                                   ? acc_t(1)
-                                   : static_cast<acc_t>(clamp_noise_prob(qp[c]));
+          acc_t* keep_sampled = keep_row + first;
+          if (!remove_accidental_hits) {
+            std::fill(keep_sampled, keep_sampled + k, acc_t(1));
+          } else if (first == 1) {
+            // One positive (the common case): a compare per column, which vectorizes.
+            keep_unless(sampled, positives[0], keep_sampled, k);
+          } else {
+            for (int64_t j = 0; j < k; ++j) {
+              keep_sampled[j] = columns.is_valid_positive(i, sampled[j]) ? acc_t(0) : acc_t(1);
+            }
+          }
+          std::fill(label_row + first, label_row + first + k, acc_t(0));
+          acc_t* q_sampled = q_row + first;
+          if (shared) {
+            // Already logs, looked up once for the batch (0 where dropped).
+            const acc_t noise_on = uses_noise ? acc_t(1) : acc_t(0);
+_Pragma("omp simd")
+            for (int64_t j = 0; j < k; ++j) q_sampled[j] = noise_on * keep_sampled[j] * neg_log_q[j];
+          } else {
+            for (int64_t j = 0; j < k; ++j) {
+              q_sampled[j] = uses_noise && keep_sampled[j] != acc_t(0)
+                                 ? static_cast<acc_t>(clamp_noise_prob(qp[sampled[j]]))
+                                 : acc_t(1);
+            }
           }
           for (int64_t j = last; j < cols; ++j) {
             const bool dropped =
@@ -579,20 +618,12 @@ std::tuple<at::Tensor, at::Tensor> sampled_loss_forward_cpu(
         if (!shared) {
           log_columns(log_q.data(), log_q.data(), block_rows * cols);
         } else {
-          // The positives' and hard negatives' logs; the GEMM columns' from the batch's.
+          // The positives' and hard negatives' logs (the GEMM columns' are set).
           const int64_t first = columns.num_positives, last = first + k;
           for (int64_t r = 0; r < block_rows; ++r) {
             acc_t* q_row = log_q.data() + r * cols;
             log_columns(q_row, q_row, first);
             log_columns(q_row + last, q_row + last, cols - last);
-            if (!uses_noise) {
-              std::fill(q_row + first, q_row + last, acc_t(0));
-              continue;
-            }
-            const acc_t* keep_row = keep.data() + r * cols;
-            for (int64_t j = first; j < last; ++j) {
-              q_row[j] = keep_row[j] != acc_t(0) ? neg_log_q[j - first] : acc_t(0);
-            }
           }
         }
         block_loss_and_grad<acc_t>(objective, block_rows, cols, k, coefp + b0 * cols, log_q.data(),
