@@ -192,9 +192,9 @@ inline void log_columns(const double* x, double* y, int64_t n) {
 // (0 for an ignored example: one with nothing kept). `x`, `e` and `v` are scratch of
 // rows * cols values each; `k` is the number of sampled negatives (NCE's log k).
 template <typename T>
-void block_loss_and_grad(int64_t objective, int64_t rows, int64_t cols, int64_t k, T* s,
-                         const T* log_q, const T* keep, const T* label, T log_z, T* loss, T* x,
-                         T* e, T* v) {
+__attribute__((always_inline)) inline void block_loss_and_grad(
+    int64_t objective, int64_t rows, int64_t cols, int64_t k, T* s, const T* log_q, const T* keep,
+    const T* label, T log_z, T* loss, T* x, T* e, T* v) {
   const int64_t n = rows * cols;
   if (objective == kSampledSoftmax) {
     for (int64_t f = 0; f < n; ++f) s[f] -= log_q[f];
@@ -261,6 +261,26 @@ void block_loss_and_grad(int64_t objective, int64_t rows, int64_t cols, int64_t 
     T sum = T(0);
     for (int64_t j = 0; j < cols; ++j) sum += v[r * cols + j];
     loss[r] = sum;
+  }
+}
+
+// float32, the common case: the block above compiled into the AVX2 / FMA clone too (inlined, as
+// a template cannot carry the clones itself).
+FUSED_NCE_CLONES void block_loss_and_grad_f32(int64_t objective, int64_t rows, int64_t cols,
+                                              int64_t k, float* s, const float* log_q,
+                                              const float* keep, const float* label, float log_z,
+                                              float* loss, float* x, float* e, float* v) {
+  block_loss_and_grad<float>(objective, rows, cols, k, s, log_q, keep, label, log_z, loss, x, e, v);
+}
+
+template <typename T>
+void loss_and_grad(int64_t objective, int64_t rows, int64_t cols, int64_t k, T* s,
+                   const T* log_q, const T* keep, const T* label, T log_z, T* loss, T* x, T* e,
+                   T* v) {
+  if constexpr (std::is_same_v<T, float>) {
+    block_loss_and_grad_f32(objective, rows, cols, k, s, log_q, keep, label, log_z, loss, x, e, v);
+  } else {
+    block_loss_and_grad<T>(objective, rows, cols, k, s, log_q, keep, label, log_z, loss, x, e, v);
   }
 }
 
@@ -504,14 +524,16 @@ std::tuple<at::Tensor, at::Tensor> sampled_loss_forward_cpu(
                                   "sampled_loss_forward_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
     const acc_t log_z_value = static_cast<acc_t>(log_z.item<double>());
-    // Shared negatives: one [N, D] x [D, k] GEMM gives every <h_i, W[n_j]>; the negatives' bias
-    // and log q are the same for every example, so they are looked up once, not N times.
+    // Shared negatives: one [N, D] x [D, k] GEMM gives every <h_i, W[n_j]>, written straight into
+    // their columns of coef (BLAS takes its row stride); the negatives' bias and log q are the
+    // same for every example, so they are looked up once, not N times.
     const float* qp = uses_noise ? q.const_data_ptr<float>() : nullptr;
-    at::Tensor neg_scores;
+
     std::vector<acc_t> neg_bias, neg_log_q;
     if (shared) {
       auto wn = w.index_select(0, neg).to(acc_dtype);
-      neg_scores = at::mm(h.to(acc_dtype), wn.t()).contiguous();
+      auto gemm_columns = coef.narrow(1, columns.num_positives, k);
+      at::mm_out(gemm_columns, h.to(acc_dtype), wn.t());
       const int64_t* np = neg.const_data_ptr<int64_t>();
       neg_bias.assign(k, acc_t(0));
       neg_log_q.assign(k, acc_t(1));
@@ -524,7 +546,6 @@ std::tuple<at::Tensor, at::Tensor> sampled_loss_forward_cpu(
     const scalar_t* hp = h.const_data_ptr<scalar_t>();
     const scalar_t* wp = w.const_data_ptr<scalar_t>();
     const scalar_t* bp = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
-    const acc_t* sp = shared ? neg_scores.const_data_ptr<acc_t>() : nullptr;
     acc_t* lossp = loss.mutable_data_ptr<acc_t>();
     acc_t* coefp = coef.mutable_data_ptr<acc_t>();
     const int64_t h_stride = h.stride(0), w_stride = w.stride(0);
@@ -612,7 +633,9 @@ _Pragma("omp simd")
           row_scores(h_row.data(), wp, w_stride, bp, rows.data(), own, dim, own_scores.data());
           for (int64_t o = 0; o < own; ++o) s[columns.own_column(o)] = own_scores[o];
           if (shared) {
-            for (int64_t j = 0; j < k; ++j) s[first + j] = sp[i * k + j] + neg_bias[j];
+            acc_t* gemm_scores = s + first;
+_Pragma("omp simd")
+            for (int64_t j = 0; j < k; ++j) gemm_scores[j] += neg_bias[j];
           }
         }
         if (!shared) {
@@ -626,7 +649,7 @@ _Pragma("omp simd")
             log_columns(q_row + last, q_row + last, cols - last);
           }
         }
-        block_loss_and_grad<acc_t>(objective, block_rows, cols, k, coefp + b0 * cols, log_q.data(),
+        loss_and_grad<acc_t>(objective, block_rows, cols, k, coefp + b0 * cols, log_q.data(),
                                    keep.data(), label.data(), log_z_value, lossp + b0,
                                    scratch.data(), scratch.data() + block_values,
                                    scratch.data() + 2 * block_values);
