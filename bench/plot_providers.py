@@ -24,7 +24,7 @@ def read(path: str) -> List[dict]:
     for r in rows:
         r["median_ms"] = float(r["median_ms"])
         r["extra_peak_mb"] = float(r["extra_peak_mb"])
-    return [r for r in rows if r["provider"] in PROVIDERS]
+    return [r for r in rows if r["provider"] in PROVIDERS and r["mode"] != "-"]
 
 
 def plot(rows: List[dict], png: str) -> None:
