@@ -77,6 +77,10 @@ log "benchmark: in-batch N=8192"
 timeout "$(limit 60)" "$py" bench/bench_losses.py --n 8192 --dim 1024 --num-classes 1000000 \
   --dtype bfloat16 --modes in_batch --repeats 20 --no-full-softmax \
   --csv "$out/bench_in_batch.csv" 2>&1 | tee "$out/bench_in_batch.log" | tail -6
+log "benchmark: several positives and hard negatives (T=4, k=64, h=16)"
+timeout "$(limit 60)" "$py" bench/bench_positives_and_hard.py --n 8192 --dim 1024 \
+  --num-classes 1000000 --dtype bfloat16 --repeats 20 \
+  --csv "$out/bench_positives_and_hard.csv" 2>&1 | tee "$out/bench_positives_and_hard.log" | tail -7
 log "profile: one step, kernel by kernel"
 timeout "$(limit 45)" "$py" bench/gpu/profile_step.py > "$out/profile.log" 2>&1
 log "profile rc=$?"
