@@ -1,8 +1,8 @@
 """Calls every op on every path at tiny shapes, for compute-sanitizer (memcheck, racecheck):
 per-example and shared negatives, each objective, each dtype, dense / sparse rows / frozen
-weight, deterministic mode, odd D and misaligned views, the alias build and draws; the row
-optimizers, in-batch retrieval with extra negatives and the frequency estimator, and the
-vocab-parallel shard ops.
+weight, deterministic mode, odd D and misaligned views, the alias build and draws; several
+positives, hard negatives, per-example weights and gBCE; the row optimizers, in-batch retrieval
+with extra negatives and the frequency estimator, and the vocab-parallel shard ops.
 
     compute-sanitizer --tool memcheck python bench/gpu/sanitize_driver.py [--device cuda]
 """
@@ -61,7 +61,7 @@ def run_all(device: torch.device) -> int:
     # Sampler: build and draws.
     sampler = fused_nce.AliasSampler(fused_nce.log_uniform_weights(1000), device=device)
     sampler.sample((64, 33))
-    calls += 2 + run_v2_ops(device, g)
+    calls += 2 + run_v2_ops(device, g) + run_v3_losses(device, g)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return calls
@@ -111,15 +111,57 @@ def run_v2_ops(device: torch.device, g: torch.Generator) -> int:
         q /= q.sum()
         log_z = torch.zeros((), dtype=dtype, device=device)
         grad_loss = torch.rand(n, generator=g).to(device, dtype)
+        several = torch.randint(v, (n, 3), generator=g).to(device)
+        several[::4, 1:] = -100
+        hard = torch.randint(v, (n, 2), generator=g).to(device)
+        hard[::3, 0] = -100
         for start, end in [(0, 20), (20, 50), (50, 50)]:
             for objective in range(3):
-                _, coef = ops.shard_loss_forward(hidden, weight[start:end], bias[start:end],
-                                                 target, negatives, q, log_z, objective, True,
-                                                 -100, start, v)
-                for mode in range(3):
-                    ops.shard_loss_backward(grad_loss, coef, hidden, weight[start:end], True,
-                                            target, negatives, -100, start, v, mode)
-                calls += 1
+                for tgt, hard_negs in [(target, None), (several, hard if objective else None)]:
+                    _, coef = ops.shard_loss_forward(hidden, weight[start:end], bias[start:end],
+                                                     tgt, negatives, hard_negs, q, log_z,
+                                                     objective, 0.5, True, -100, start, v)
+                    for mode in range(3):
+                        ops.shard_loss_backward(grad_loss, coef, hidden, weight[start:end], True,
+                                                tgt, negatives, hard_negs, -100, start, v, mode)
+                    calls += 1
+    return calls
+
+
+def run_v3_losses(device: torch.device, g: torch.Generator) -> int:
+    """Several positives (padded, ragged), hard negatives (padded), per-example weights and gBCE:
+    per-example and shared, each dtype, dense / sparse / frozen / deterministic."""
+    calls = 0
+    n, v, k, dim = 37, 50, 9, 13
+    for dtype in DTYPES:
+        for shared in [False, True]:
+            hidden = torch.randn(n, dim, generator=g).to(device, dtype)
+            weight = torch.randn(v, dim, generator=g).to(device, dtype)
+            bias = torch.randn(v, generator=g).to(device, dtype)
+            target = torch.randint(v, (n, 4), generator=g).to(device)
+            target[::3, 2:] = -100
+            target[::7] = -100
+            hard = torch.randint(v, (n, 5), generator=g).to(device)
+            hard[::2, 4] = -100
+            weights = torch.rand(n, generator=g).to(device)
+            negatives = torch.randint(v, (k,) if shared else (n, k), generator=g).to(device)
+            sampler = fused_nce.AliasSampler(torch.rand(v, generator=g) + 0.1, device=device)
+            for name in ["nce", "negative_sampling", "sampled_softmax", "gbce"]:
+                fn = getattr(fused_nce, f"{name}_loss")
+                extra = {} if name == "nce" else dict(hard_negatives=hard)
+                for grads in ["dense", "sparse", "frozen", "deterministic"]:
+                    h = hidden.clone().requires_grad_()
+                    w = weight.clone().requires_grad_(grads != "frozen")
+                    b = bias.clone().requires_grad_(grads != "frozen")
+                    torch.use_deterministic_algorithms(grads == "deterministic")
+                    try:
+                        loss = fn(h, w, b, target, sampler, negatives=negatives,
+                                  sample_weight=weights, remove_accidental_hits=True,
+                                  sparse_grad=grads == "sparse", **extra)
+                        loss.backward()
+                    finally:
+                        torch.use_deterministic_algorithms(False)
+                    calls += 1
     return calls
 
 
