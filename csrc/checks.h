@@ -95,7 +95,7 @@ inline at::Tensor rows_of(const at::Tensor& t) {
 // A loss forward's inputs as every backend reads them (rows in place, indices and bias contiguous,
 // the noise probabilities as float32 on hidden's device; b and q undefined when absent or unused)
 // and its outputs, allocated in the accumulation dtype (float64 for float64, float32 otherwise):
-// one value per example [N] (the loss, or a shard's statistic) and the coefficients [N, 1 + k].
+// one value per example [N] (the loss, or a shard's statistic) and the coefficients [N, T + k + h].
 struct ForwardInputs {
   at::Tensor h, w, b, tgt, neg, hard, q;
   at::ScalarType acc_dtype;

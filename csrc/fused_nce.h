@@ -8,8 +8,8 @@
 
 namespace fused_nce {
 
-// Per-example loss [N] (float32, float64 for float64 inputs) and dloss/dscore [N, 1 + k] for the
-// target (column 0) and each negative. `negatives` is [N, k] per example or [k] shared.
+// Per-example loss [N] (float32, float64 for float64 inputs) and dloss/dscore [N, T + k + h] for
+// each column (columns.h: T positives, k negatives, [N, k] per example or [k] shared, h hard).
 std::tuple<at::Tensor, at::Tensor> sampled_loss_forward_cpu(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& target, const at::Tensor& negatives,
