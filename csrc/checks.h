@@ -107,7 +107,8 @@ inline ForwardInputs prepare_forward(const at::Tensor& hidden, const at::Tensor&
                                      const at::Tensor& target, const at::Tensor& negatives,
                                      const std::optional<at::Tensor>& noise_probs,
                                      bool uses_noise,
-                                     const std::optional<at::Tensor>& hard_negatives = std::nullopt) {
+                                     const std::optional<at::Tensor>& hard_negatives =
+                                         std::nullopt) {
   ForwardInputs in;
   in.h = rows_of(hidden);
   in.w = rows_of(weight);

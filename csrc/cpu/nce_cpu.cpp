@@ -576,8 +576,8 @@ std::tuple<at::Tensor, at::Tensor> sampled_loss_forward_cpu(
             std::fill(label_row, label_row + cols, acc_t(0));
             continue;
           }
-          const acc_t positive_label =
-              softmax ? acc_t(1) / static_cast<acc_t>(num_valid) : static_cast<acc_t>(positive_weight);
+          const acc_t positive_label = softmax ? acc_t(1) / static_cast<acc_t>(num_valid)
+                                               : static_cast<acc_t>(positive_weight);
           // Column by kind (columns.h), so that the k sampled ones, the many, take a short
           // loop. Noise probabilities are made logs below; a hard negative's is 1 (log 0), and
           // a shared negative's log is looked up once for the batch.
@@ -608,7 +608,9 @@ std::tuple<at::Tensor, at::Tensor> sampled_loss_forward_cpu(
             // Already logs, looked up once for the batch (0 where dropped).
             const acc_t noise_on = uses_noise ? acc_t(1) : acc_t(0);
 _Pragma("omp simd")
-            for (int64_t j = 0; j < k; ++j) q_sampled[j] = noise_on * keep_sampled[j] * neg_log_q[j];
+            for (int64_t j = 0; j < k; ++j) {
+              q_sampled[j] = noise_on * keep_sampled[j] * neg_log_q[j];
+            }
           } else {
             for (int64_t j = 0; j < k; ++j) {
               q_sampled[j] = uses_noise && keep_sampled[j] != acc_t(0)

@@ -1,6 +1,7 @@
 // Vocab-parallel forward on the CPU: the fused sampled loss over one shard of W. Each example's
-// owned columns (columns.h: positives, negatives, hard negatives) are read in place (global index minus row_start); the others are
-// neither read nor addressed. Per-term math from nce_math.h, as in nce_cpu.cpp.
+// owned columns (columns.h: positives, negatives, hard negatives) are read in place (global
+// index minus row_start); the others are neither read nor addressed. Per-term math from
+// nce_math.h, as in nce_cpu.cpp.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -82,7 +83,8 @@ std::tuple<at::Tensor, at::Tensor> shard_loss_forward_cpu(
           }
           const int64_t r = c - row_start;
           const scalar_t* w_row = wp + r * w_stride;
-          const acc_t score = dot(h_row.data(), w_row, dim) + (bp ? static_cast<acc_t>(bp[r]) : acc_t(0));
+          const acc_t score =
+              dot(h_row.data(), w_row, dim) + (bp ? static_cast<acc_t>(bp[r]) : acc_t(0));
           // A hard negative was not drawn from q: no log q.
           const bool drawn = columns.positive(j) || columns.sampled(j);
           const acc_t log_q = uses_noise && drawn ? log_noise_prob<acc_t>(qp[c]) : acc_t(0);

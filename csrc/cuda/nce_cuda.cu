@@ -1,6 +1,7 @@
 // Fused sampled losses on CUDA. Forward: one warp per example gathers its positive and negative
 // rows of W in place with vector loads (never an [N, k, D] tensor), reduces the T + k + h dot
-// products and turns them into the loss and dloss/dscore in the same kernel (nce_math.h, shared with the CPU).
+// products and turns them into the loss and dloss/dscore in the same kernel (nce_math.h, shared
+// with the CPU).
 // Backward: grad_hidden by a second gather; grad_weight / grad_bias into the touched rows only
 // (nce_scatter_cuda.cu). Shared negatives go through GEMMs whose low-precision operands are
 // written by one fused pass. Indices are checked in the kernels (device-side assert, and a bad
