@@ -244,6 +244,19 @@ def write_csv(path: Path, rows: Sequence[dict]) -> None:
     print(f"wrote {path}")
 
 
+def append_csv(path: Path, rows: Sequence[dict]) -> None:
+    """Append ``rows`` to a CSV, writing the header when the file is new (the first row's keys
+    are the columns: every row should have the same keys)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists() or path.stat().st_size == 0
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
 def pyplot():
     """matplotlib's pyplot on a file-only backend, or None (with a message) when not installed."""
     try:
