@@ -1,21 +1,24 @@
-"""The collectives of the vocab-parallel losses, in one place (as Megatron's ``mappings.py``).
+"""Every collective of the package, in one place (as Megatron's ``mappings.py``).
 
 ``copy_to_group``: identity forward, all-reduce (sum) of the gradient backward: a replicated input
 (``hidden``, ``log_z``) whose every rank's use adds to its gradient. ``reduce_from_group``:
-all-reduce (sum) forward, identity backward. ``agree``: the one small all-gather that checks the
-ranks' arguments against each other before any other collective, so that a rank that rejects its
-input makes every rank raise instead of leaving the others waiting.
+all-reduce (sum) forward, identity backward. ``all_gather_with_grad``: every rank's rows forward,
+each rank's slice of the summed gradient backward (the retrieval loss's candidates). ``agree``:
+the one small all-gather that checks the ranks' arguments against each other before any other
+collective, so that a rank that rejects its input makes every rank raise instead of leaving the
+others waiting.
 """
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-Group = Optional[dist.ProcessGroup]
+# A string: a torch built without distributed support has no ProcessGroup to name at import.
+Group = Optional["dist.ProcessGroup"]
 
 
 def resolve_group(group: Group) -> dist.ProcessGroup:
@@ -83,6 +86,43 @@ def copy_to_group(tensor: Tensor, group: dist.ProcessGroup) -> Tensor:
 def reduce_from_group(tensor: Tensor, group: dist.ProcessGroup) -> Tensor:
     """Sum over the group; the gradient passes through unchanged."""
     result: Tensor = _ReduceFromGroup.apply(tensor, group)  # type: ignore[no-untyped-call]
+    return result
+
+
+def all_gather(tensor: Tensor, group: Group) -> Tensor:
+    """The ranks' ``tensor`` (same shape on every rank) concatenated along dim 0, rank order.
+    No gradient."""
+    world = dist.get_world_size(group)
+    parts = [torch.empty_like(tensor) for _ in range(world)]
+    dist.all_gather(parts, tensor.contiguous(), group=group)
+    return torch.cat(parts)
+
+
+class _GatherFromGroup(torch.autograd.Function):
+    """Forward: every rank's rows concatenated. Backward: each rank's slice of the sum of all
+    ranks' gradients, since every rank's loss reads every rank's rows.
+
+    The backward is an all-reduce and a slice rather than a reduce-scatter: gloo has no
+    reduce-scatter, and the gathered gradient is only ``P`` times one rank's rows.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, tensor: Tensor, group: Group) -> Tensor:
+        ctx.group = group
+        ctx.rows = tensor.shape[0]
+        ctx.rank = dist.get_rank(group)
+        return all_gather(tensor, group)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tuple[Tensor, None]:
+        total = grad.contiguous().clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=ctx.group)
+        return total[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows], None
+
+
+def all_gather_with_grad(tensor: Tensor, group: Group) -> Tensor:
+    """:func:`all_gather` whose gradient flows back to the rank that owns each row."""
+    result: Tensor = _GatherFromGroup.apply(tensor, group)  # type: ignore[no-untyped-call]
     return result
 
 

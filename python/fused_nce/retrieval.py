@@ -13,7 +13,7 @@ from typing import Any, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from ._collectives import ProcessGroup, all_gather, all_gather_with_grad
+from ._mappings import Group, all_gather, all_gather_with_grad
 from ._ops import accumulation_dtype, ops
 from .functional import FLOAT_DTYPES, _check_reduction
 
@@ -159,7 +159,7 @@ def in_batch_softmax_loss(query: Tensor, candidates: Tensor, candidate_ids: Tens
                           temperature: Union[float, Tensor] = 1.0,
                           remove_accidental_hits: bool = True,
                           sample_weight: Optional[Tensor] = None, reduction: str = "mean",
-                          group: Optional[ProcessGroup] = None,
+                          group: Group = None,
                           block_size: int = 0) -> Tensor:
     """Softmax over the batch's own candidates (and optional extra negatives), logQ-corrected.
 
