@@ -341,18 +341,10 @@ def main() -> None:
           f"N={args.n} D={args.dim} k={args.k} (shared {args.shared_k}) V={args.num_classes} {args.dtype}, "
           f"forward+backward, median of {args.repeats}")
 
-    rows = []
+    rows: List[dict] = []
 
     def record(mode, objective, provider, times, extra, note=""):
-        rows.append(dict(meta, mode=mode, objective=objective, provider=provider,
-                         median_ms=statistics.median(times), min_ms=min(times),
-                         max_ms=max(times), extra_peak_mb=extra / 2**20, note=note))
-        r = rows[-1]
-        print(f"  {mode:<12} {objective:<18} {provider:<13} {r['median_ms']:10.2f} ms "
-              f"[{r['min_ms']:.2f}, {r['max_ms']:.2f}]  {r['extra_peak_mb']:9.1f} MB  {note}",
-              flush=True)
-        # After every row: a run cut short (out of time, out of memory) keeps what it measured.
-        write_csv(args.csv, rows)
+        record_row(rows, meta, args.csv, mode, objective, provider, times, extra, note)
 
     for mode in args.modes:
         if mode == "in_batch":
@@ -428,6 +420,20 @@ def main() -> None:
 
     print_summary(rows)
     print(f"wrote {args.csv}")
+
+
+def record_row(rows: List[dict], meta: dict, csv_path: str, mode: str, objective: str,
+               provider: str, times: List[float], extra: float, note: str = "") -> None:
+    """Appends one provider's figures (milliseconds, extra bytes) to ``rows``, prints them and
+    rewrites the CSV: a run cut short (out of time, out of memory) keeps what it measured."""
+    rows.append(dict(meta, mode=mode, objective=objective, provider=provider,
+                     median_ms=statistics.median(times), min_ms=min(times), max_ms=max(times),
+                     extra_peak_mb=extra / 2**20, note=note))
+    r = rows[-1]
+    print(f"  {mode:<12} {objective:<18} {provider:<17} {r['median_ms']:10.2f} ms "
+          f"[{r['min_ms']:.2f}, {r['max_ms']:.2f}]  {r['extra_peak_mb']:9.1f} MB  {note}",
+          flush=True)
+    write_csv(csv_path, rows)
 
 
 def write_csv(path: str, rows: List[dict]) -> None:

@@ -18,13 +18,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
-import statistics
 
 import torch
 
 import baselines
 import fused_nce
-from bench_losses import PeakMemory, check_against, measure, write_csv
+from bench_losses import PeakMemory, check_against, measure, record_row
 
 
 def main() -> None:
@@ -103,14 +102,8 @@ def main() -> None:
                     if provider == "pytorch_compiled":
                         note = f"first call (compile) {seconds:.1f} s"
                 times, extra_bytes = measure(step, leaves, sets, device, 1, args.repeats, memory)
-                rows.append(dict(meta, mode=mode, objective=objective, provider=provider,
-                                 median_ms=statistics.median(times), min_ms=min(times),
-                                 max_ms=max(times), extra_peak_mb=extra_bytes / 2**20, note=note))
-                r = rows[-1]
-                print(f"  {mode:<12} {objective:<16} {provider:<17} {r['median_ms']:9.2f} ms "
-                      f"[{r['min_ms']:.2f}, {r['max_ms']:.2f}] {r['extra_peak_mb']:8.1f} MB {note}",
-                      flush=True)
-                write_csv(args.csv, rows)
+                record_row(rows, meta, args.csv, mode, objective, provider, times, extra_bytes,
+                           note)
     print("\n| negatives | objective | fused ms | plain step, same columns ms | extra columns cost |"
           " fastest baseline | its ms | speed-up |")
     print("|---|---|---:|---:|---:|---|---:|---:|")

@@ -150,9 +150,9 @@ def problems(draw, objectives=tuple(OBJECTIVES), dtypes=tuple(DTYPES)):
     )
 
 
-def run(case, fused: bool, oracle_dtype=None):
-    """Loss and the gradients of every leaf, fused or reference (in ``oracle_dtype`` when set)."""
-    dtype = oracle_dtype or case["dtype"]
+def model_inputs(case, dtype):
+    """hidden, weight and bias as the case lays them out (views of leaves in ``dtype``), and the
+    leaves by name."""
     h_base = leaf(base_values(case["h_values"], case["h_layout"]), case["dtype"], dtype)
     w_base = leaf(base_values(case["w_values"], case["w_layout"]), case["dtype"], dtype)
     hidden = view_of(h_base, case["h_layout"], case["dim"]).reshape(*case["batch_shape"],
@@ -162,6 +162,13 @@ def run(case, fused: bool, oracle_dtype=None):
     bias = None
     if case["b_values"] is not None:
         bias = leaves["bias"] = leaf(case["b_values"], case["dtype"], dtype)
+    return hidden, weight, bias, leaves
+
+
+def run(case, fused: bool, oracle_dtype=None):
+    """Loss and the gradients of every leaf, fused or reference (in ``oracle_dtype`` when set)."""
+    dtype = oracle_dtype or case["dtype"]
+    hidden, weight, bias, leaves = model_inputs(case, dtype)
     kwargs = dict(ignore_index=case["ignore_index"], reduction=case["reduction"],
                   remove_accidental_hits=case["remove_hits"])
     objective = case["objective"]
@@ -268,15 +275,7 @@ def test_out_of_range_ids_raise_value_error(case, where, bad):
        chunk=st.sampled_from([None, 1, 2, 3, 1000]))
 def test_full_softmax_matches_reference(case, chunk):
     def full(fused: bool, dtype):
-        h_base = leaf(base_values(case["h_values"], case["h_layout"]), case["dtype"], dtype)
-        w_base = leaf(base_values(case["w_values"], case["w_layout"]), case["dtype"], dtype)
-        hidden = view_of(h_base, case["h_layout"], case["dim"]).reshape(*case["batch_shape"],
-                                                                        case["dim"])
-        weight = view_of(w_base, case["w_layout"], case["dim"])
-        leaves = {"hidden": h_base, "weight": w_base}
-        bias = None
-        if case["b_values"] is not None:
-            bias = leaves["bias"] = leaf(case["b_values"], case["dtype"], dtype)
+        hidden, weight, bias, leaves = model_inputs(case, dtype)
         kwargs = dict(ignore_index=case["ignore_index"], reduction=case["reduction"])
         if fused:
             loss = fused_nce.full_softmax_loss(hidden, weight, bias, case["target"],
