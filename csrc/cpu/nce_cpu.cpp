@@ -626,10 +626,9 @@ _Pragma("omp simd")
             q_row[j] = acc_t(1);
           }
           // Scores of the columns this example gathers itself (padding reads row 0's place).
-          int64_t m = 0;
           for (int64_t o = 0; o < own; ++o) {
-            const int64_t c = columns.class_of(i, columns.own_column(o));
-            rows[m++] = c == ignore_index && !columns.sampled(columns.own_column(o)) ? 0 : c;
+            const int64_t j = columns.own_column(o), c = columns.class_of(i, j);
+            rows[o] = columns.padding(j, c) ? 0 : c;
           }
           load_row(hp + i * h_stride, h_row.data(), dim);
           row_scores(h_row.data(), wp, w_stride, bp, rows.data(), own, dim, own_scores.data());
@@ -640,7 +639,9 @@ _Pragma("omp simd")
             for (int64_t j = 0; j < k; ++j) gemm_scores[j] += neg_bias[j];
           }
         }
-        if (!shared) {
+        if (!uses_noise) {
+          // Negative sampling reads no log q.
+        } else if (!shared) {
           log_columns(log_q.data(), log_q.data(), block_rows * cols);
         } else {
           // The positives' and hard negatives' logs (the GEMM columns' are set).
@@ -652,9 +653,8 @@ _Pragma("omp simd")
           }
         }
         loss_and_grad<acc_t>(objective, block_rows, cols, k, coefp + b0 * cols, log_q.data(),
-                                   keep.data(), label.data(), log_z_value, lossp + b0,
-                                   scratch.data(), scratch.data() + block_values,
-                                   scratch.data() + 2 * block_values);
+                             keep.data(), label.data(), log_z_value, lossp + b0, scratch.data(),
+                             scratch.data() + block_values, scratch.data() + 2 * block_values);
       }
     });
   });
@@ -781,8 +781,8 @@ Gradients backward_cpu(const at::Tensor& grad_loss, const at::Tensor& coef,
     // The weight gradient's entries, in order: per example, e = i * own + m is the m-th column
     // example i gathers itself (columns.h: positives, sampled negatives unless shared, hard
     // negatives); with shared negatives, entries N * own .. N * own + k - 1 are their GEMM rows.
-    // visit(e, row) with row -1 where it touches nothing: padding, or a zero coefficient
-    // (ignored examples, dropped hits).
+    // visit(e, row) with row -1 where it touches nothing: an ignored example (no valid
+    // positive), padding, or a zero coefficient (dropped hits).
     const int64_t own = columns.per_example();
     const int64_t num_entries = n_examples * own + (shared ? k : 0);
     const auto entry_row = [&](int64_t i, int64_t m) {
@@ -792,7 +792,8 @@ Gradients backward_cpu(const at::Tensor& grad_loss, const at::Tensor& coef,
     };
     const auto for_each_entry = [&](const auto& visit) {
       for (int64_t i = 0; i < n_examples; ++i) {
-        for (int64_t m = 0; m < own; ++m) visit(i * own + m, entry_row(i, m));
+        const bool ignored = columns.valid_positives(i) == 0;
+        for (int64_t m = 0; m < own; ++m) visit(i * own + m, ignored ? -1 : entry_row(i, m));
       }
       if (shared) {
         for (int64_t j = 0; j < k; ++j) visit(n_examples * own + j, np[j]);
@@ -851,7 +852,8 @@ Gradients backward_cpu(const at::Tensor& grad_loss, const at::Tensor& coef,
         int64_t m = 0;
         const acc_t* c_row = coef_rows + i * num_cols;
         const acc_t g_i = shared ? acc_t(1) : grad_rows[i * g_stride];
-        for (int64_t o = 0; o < num_own; ++o) {
+        const int64_t gathered = cols_of.valid_positives(i) == 0 ? 0 : num_own;
+        for (int64_t o = 0; o < gathered; ++o) {
           const int64_t j = cols_of.own_column(o);
           const acc_t c = shared ? c_row[j] : c_row[j] * g_i;
           if (c == 0) continue;
