@@ -476,7 +476,7 @@ Gradients backward_cuda(const at::Tensor& grad_loss, const at::Tensor& coef,
                       !at::globalContext().deterministicAlgorithms() &&
                       (h.scalar_type() == at::kFloat || h.scalar_type() == at::kDouble);
   if (mode != WeightGrad::kNone && !atomic) {
-    const int64_t own = shared ? positives + hard_count : cols;
+    const int64_t own = make_columns(tgt, neg, hard, ignore_index).per_example();
     check_sorted_limits(num_classes, n * own + (shared ? k : 0));
   }
 

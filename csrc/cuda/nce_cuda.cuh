@@ -59,24 +59,23 @@ Problem<scalar_t> make_problem(const at::Tensor& h, const at::Tensor& w, const a
                            w.stride(0)};
 }
 
-// Calls visit(c, row) for each of the first `count` columns example i gathers itself
+// Calls visit(c, row) for each of the first `columns` columns example i gathers itself
 // (Columns::own_column: all but shared negatives) whose coefficient c = g * coef[i, j] is
 // non-zero and whose class is valid (not padding), on every lane in the same order: lanes load
 // 32 (coefficient, class) pairs at a time and pass them round by shuffles, so each is read once.
 // All 32 lanes must call it.
 template <typename scalar_t, typename acc_t, typename Visit>
 __device__ __forceinline__ void for_each_column(const Problem<scalar_t>& p, int64_t i,
-                                                int64_t count, acc_t g,
+                                                int64_t columns, acc_t g,
                                                 const acc_t* __restrict__ coef, int lane,
                                                 const Visit& visit) {
   const int64_t stride = p.columns();
-  const int64_t columns = count;
   for (int64_t j0 = 0; j0 < columns; j0 += kWarpSize) {
-    const int64_t m = j0 + lane;
+    const int64_t own = j0 + lane;
     acc_t my_c = 0;
     int64_t my_row = 0;
-    if (m < columns) {
-      const int64_t j = p.cols.own_column(m);
+    if (own < columns) {
+      const int64_t j = p.cols.own_column(own);
       const int64_t c = p.column_class(i, j);
       my_c = g * coef[i * stride + j];
       if (my_c != 0 && !p.cols.padding(j, c) && p.valid(c)) {

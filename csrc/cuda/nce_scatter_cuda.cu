@@ -350,7 +350,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scatter_sorted(const ScatterInput
   const int64_t n = h.size(0), dim = h.size(1), k = in.negatives.size(-1);
   const int64_t num_classes = in.weight.size(0);
   const bool shared = in.negatives.dim() == 1;
-  const int64_t own = in.coef.size(1) - (shared ? k : 0);
+  const int64_t own = make_columns(in.target, in.negatives, in.hard, in.ignore_index).per_example();
   const int64_t num_entries = n * own + (shared ? k : 0);
   check_sorted_limits(num_classes, num_entries);
   const auto index_opts = in.target.options();

@@ -1,8 +1,8 @@
 // Vocab-parallel forward on CUDA, the mirror of cpu/shard_cpu.cpp: one warp per example walks its
 // columns (columns.h: positives, negatives, hard negatives); an owned class's row is read in
-// place (global index minus row_start) with the dot product spread over the lanes, any other class is neither read nor addressed. Indices
-// are checked against the global V in the kernel (device-side assert; a bad index is never used
-// as an address), so nothing waits for the device.
+// place (global index minus row_start) with the dot product spread over the lanes, any other
+// class is neither read nor addressed. Indices are checked against the global V in the kernel
+// (device-side assert; a bad index is never used as an address), so nothing waits for the device.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
