@@ -218,8 +218,7 @@ def _sharded_loss(objective: str, hidden: Tensor, weight: Tensor, bias: Optional
     loss: Tensor = _sharded_apply(fields, pg, hidden, weight, bias, log_z_t, c.target,
                                   c.negatives, c.hard, c.noise_probs, c.code, c.positive_weight,
                                   hits, ignore, sparse, start)
-    return fn._weighted_reduce(loss, c.weights, c.target, ignore_index, reduction,
-                               hidden.shape[:-1])
+    return fn._reduce(loss, c.target, ignore_index, reduction, hidden.shape[:-1], c.weights)
 
 
 # What the ranks of a vocab-parallel loss must agree on (_sharded_apply's fields, in order).
@@ -422,7 +421,7 @@ def full_softmax_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ta
               like=_tensor_or_none(hidden))
     loss = _full_softmax_apply(fields, pg, hidden, weight, bias, target, ignore_index, start,
                                chunk_size)
-    return fn._reduce(loss, target, ignore_index, reduction)
+    return fn._reduce(loss, target.reshape(-1), ignore_index, reduction, target.shape)
 
 
 @torch.compiler.disable

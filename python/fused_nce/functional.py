@@ -262,14 +262,15 @@ def _sampled_loss(objective: str, hidden: Tensor, weight: Tensor, bias: Optional
                         log_z_t, c.code, c.positive_weight, bool(remove_accidental_hits),
                         int(ignore_index), bool(sparse_grad), kernel_reduction)
     if c.weights is not None:
-        return _weighted_reduce(loss, c.weights, c.target, ignore_index, reduction, batch_shape)
+        return _reduce(loss, c.target, ignore_index, reduction, batch_shape, c.weights)
     return loss if reduction != "none" or loss.shape == batch_shape else loss.reshape(batch_shape)
 
 
-def _weighted_reduce(loss: Tensor, weights: Optional[Tensor], flat_target: Tensor,
-                     ignore_index: int, reduction: str, batch_shape: torch.Size) -> Tensor:
-    """Per-example losses [N] times their weights (where given), reduced: "mean" divides by the
-    number of counted examples (those with a valid positive), weighted or not."""
+def _reduce(loss: Tensor, flat_target: Tensor, ignore_index: int, reduction: str,
+            batch_shape: torch.Size, weights: Optional[Tensor] = None) -> Tensor:
+    """Per-example losses [N] (times their weights, where given) to ``reduction``: "none" gives
+    ``batch_shape``, "mean" divides by the number of counted examples (those with a valid
+    positive in ``flat_target`` [N] or [N, T]), weighted or not."""
     if weights is not None:
         loss = loss * weights.to(loss.dtype)
     if reduction == "none":
@@ -324,15 +325,6 @@ def _log_z_tensor(log_z: object, device: torch.device, dtype: torch.dtype) -> Te
         _log_z_cache.clear()
     _log_z_cache[key] = tensor
     return tensor
-
-
-def _reduce(loss: Tensor, target: Tensor, ignore_index: int, reduction: str) -> Tensor:
-    """Per-example losses [N] to ``reduction`` ("mean": over the examples not ignored)."""
-    if reduction == "none":
-        return loss.reshape(target.shape)
-    if reduction == "sum":
-        return loss.sum()
-    return loss.sum() / (target != ignore_index).sum().clamp_min(1)
 
 
 def nce_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
@@ -475,7 +467,7 @@ def full_softmax_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ta
         raise ValueError(f"target holds class indices outside [0, {num_classes})")
     with torch.autocast(hidden.device.type, enabled=False):  # keep the float32 logits float32
         loss = _full_softmax(h, weight, bias, safe_t, keep, acc, chunk_size)
-    return _reduce(loss, target, ignore_index, reduction)
+    return _reduce(loss, t, ignore_index, reduction, target.shape)
 
 
 def _full_softmax(h: Tensor, weight: Tensor, bias: Optional[Tensor], safe_t: Tensor, keep: Tensor,
